@@ -1,6 +1,8 @@
-"""What is this machine, what is installed, does it fit together, and what can run here.
+"""What is this machine and what is installed: the environment report, and the GPU guard.
 
-Used by notebook 00_env_check (and by the GPU guards in every other notebook).
+Used by notebook 00_env_check (``collect_report``) and, through the GPU guard
+(``gpu_available``, ``skip_unless_gpu``), by every other notebook. Whether the installed
+versions fit together is ``labhelpers.compat``; what can run here is ``labhelpers.fits``.
 
 Importing this module is instant and needs nothing beyond the standard library and
 ``packaging``: torch, psutil and jupyter_client are imported inside the functions that
@@ -13,34 +15,23 @@ Sizes are in GB meaning 2**30 bytes (what ``nvidia-smi`` and ``free -g`` call GB
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import platform
 import re
 import shutil
 import subprocess
 import sys
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from packaging.specifiers import InvalidSpecifier, SpecifierSet
 from packaging.utils import canonicalize_name
 from packaging.version import InvalidVersion, Version
-
-DATA_DIR = Path(__file__).resolve().parent / "data"
-RULES_FILE = DATA_DIR / "compat_rules.json"
-NOTEBOOKS_FILE = DATA_DIR / "notebooks.json"
-MODELS_FILE = DATA_DIR / "models.json"
 
 FORCE_CPU_ENV = "QWEN_LAB_FORCE_CPU"
 GB = 2**30
 COMMAND_TIMEOUT_S = 10
-
-# Memory estimate to run a model: size_gb * factor + overhead (rough; KV cache on top).
-MEMORY_FACTOR = 1.2
-MEMORY_OVERHEAD_GB = 0.5
 
 COURSE_PACKAGES: tuple[str, ...] = (
     "torch",
@@ -90,9 +81,6 @@ CPU_FLAGS_OF_INTEREST: tuple[str, ...] = (
     "bf16",
 )
 
-LEVELS: tuple[str, ...] = ("ok", "info", "warn", "error")
-_LEVEL_ICON = {"ok": "✅", "info": "ℹ️ ", "warn": "⚠️ ", "error": "❌"}
-
 
 # --------------------------------------------------------------------------- report
 
@@ -109,6 +97,11 @@ class GpuInfo:
     driver_version: str | None = None
     torch_visible: bool = True
     source: str = "given"
+
+    @property
+    def capability_text(self) -> str:
+        """Compute capability as 'major.minor' ('8.6'), or 'unknown'."""
+        return "unknown" if self.capability is None else "{}.{}".format(*self.capability)
 
 
 @dataclass
@@ -182,10 +175,6 @@ def _fmt(value: Any) -> str:
     return "unknown" if value is None or value == "" else str(value)
 
 
-def _cc(gpu: GpuInfo) -> str:
-    return "unknown" if gpu.capability is None else "{}.{}".format(*gpu.capability)
-
-
 def _md_table(title: str, rows: list[tuple[str, str]]) -> str:
     lines = [f"**{title}**", "", "| | |", "|---|---|"]
     lines += [f"| {key} | {str(value).replace('|', '/')} |" for key, value in rows]
@@ -201,7 +190,10 @@ def _report_sections(r: EnvReport) -> list[tuple[str, list[tuple[str, str]]]]:
     if r.ram_limit_gb is not None:
         ram += f" (container limit {_fmt_gb(r.ram_limit_gb)})"
     gpus = [
-        (f"GPU {g.index}", f"{g.name}, {_fmt_gb(g.total_memory_gb)}, compute capability {_cc(g)}")
+        (
+            f"GPU {g.index}",
+            f"{g.name}, {_fmt_gb(g.total_memory_gb)}, compute capability {g.capability_text}",
+        )
         for g in r.gpus
     ] or [("GPU", "none found")]
     installed = ", ".join(f"{k} {v}" for k, v in r.packages.items() if v)
@@ -463,7 +455,7 @@ def torch_build_of(
         return "cuda"
     if hip:
         return "rocm"
-    local = _local_tag(version)
+    local = local_version_tag(version)
     if local is None:
         return None
     if local.startswith("cu"):
@@ -473,7 +465,8 @@ def torch_build_of(
     return "cpu" if local == "cpu" else None
 
 
-def _local_tag(version: str | None) -> str | None:
+def local_version_tag(version: str | None) -> str | None:
+    """The local part of a version ('cpu' for '2.13.0+cpu'); None when absent or invalid."""
     if not version:
         return None
     try:
@@ -636,14 +629,15 @@ def find_kernels() -> dict[str, str] | None:
 # --------------------------------------------------------------------------- GPU guard
 
 
-def _force_cpu() -> bool:
+def cpu_forced() -> bool:
+    """True when QWEN_LAB_FORCE_CPU asks every notebook to take the CPU path."""
     return os.environ.get(FORCE_CPU_ENV, "").strip().lower() in {"1", "true", "yes", "on"}
 
 
 def gpu_status() -> tuple[bool, str]:
     """(usable, reason): whether torch can use a CUDA GPU here, and why not if it cannot.
     Used by notebook 00_env_check and, through skip_unless_gpu, by notebooks 01-05."""
-    if _force_cpu():
+    if cpu_forced():
         return False, f"{FORCE_CPU_ENV}=1 is set, forcing the CPU path"
     from importlib import util
 
@@ -680,358 +674,3 @@ def skip_unless_gpu(what: str) -> bool:
             "On a GPU machine this cell runs."
         )
     return usable
-
-
-# --------------------------------------------------------------------------- compatibility
-
-
-@dataclass
-class Finding:
-    """One compatibility verdict. ``level``: 'ok' | 'info' | 'warn' | 'error'."""
-
-    level: str
-    rule: str
-    message: str
-    fix: str = ""
-    subject: str | None = None
-
-    def __str__(self) -> str:
-        text = f"{_LEVEL_ICON.get(self.level, '')} [{self.rule}] {self.message}"
-        return text + (f"\n   fix: {self.fix}" if self.fix and self.level != "ok" else "")
-
-
-class _Template(dict):
-    """str.format_map mapping that leaves unknown placeholders as they are."""
-
-    def __missing__(self, key: str) -> str:
-        return "{" + key + "}"
-
-
-def _render(template: str, **values: Any) -> str:
-    return template.format_map(_Template(values))
-
-
-_COMMON_KEYS = ("id", "kind", "level", "message", "fix")
-_KIND_KEYS = {
-    "requires": ("when", "need"),
-    "conflict": ("packages",),
-    "gpu_capability": ("min",),
-    "cpu": ("check",),
-    "torch_build": ("check",),
-}
-_CPU_CHECKS = {"flag_missing": "flag", "vendor_not": "vendor"}
-_TORCH_CHECKS = ("cpu_build_with_gpu",)
-
-
-def validate_rule(rule: Mapping[str, Any]) -> None:
-    """Raise ValueError naming the rule id if a rule is malformed or of an unknown kind."""
-    rid = rule.get("id", "<no id>")
-    kind = rule.get("kind")
-    if kind not in _KIND_KEYS:
-        raise ValueError(
-            f"compat rule {rid!r}: unknown kind {kind!r} (known: {sorted(_KIND_KEYS)})"
-        )
-    missing = [k for k in _COMMON_KEYS + _KIND_KEYS[kind] if k not in rule]
-    if missing:
-        raise ValueError(f"compat rule {rid!r}: missing keys {missing}")
-    if rule["level"] not in LEVELS[1:]:
-        raise ValueError(f"compat rule {rid!r}: level {rule['level']!r} not in {LEVELS[1:]}")
-    conditions = list(rule.get("when", [])) + list(rule.get("need", []))
-    conditions += list(rule.get("packages", []))
-    for cond in conditions:
-        _validate_condition(rid, cond)
-    if kind == "conflict" and len(rule["packages"]) != 2:
-        raise ValueError(f"compat rule {rid!r}: 'packages' must hold exactly two conditions")
-    if kind == "cpu" and _CPU_CHECKS.get(rule["check"]) not in rule:
-        raise ValueError(f"compat rule {rid!r}: cpu check must be one of {_CPU_CHECKS} + its key")
-    if kind == "torch_build" and rule["check"] not in _TORCH_CHECKS:
-        raise ValueError(f"compat rule {rid!r}: torch_build check must be one of {_TORCH_CHECKS}")
-    if kind == "gpu_capability" and len(rule["min"]) != 2:
-        raise ValueError(f"compat rule {rid!r}: 'min' must be [major, minor]")
-
-
-def _validate_condition(rid: str, cond: Mapping[str, Any]) -> None:
-    if "package" not in cond:
-        raise ValueError(f"compat rule {rid!r}: condition without 'package': {cond}")
-    try:
-        SpecifierSet(cond.get("spec", ""))
-    except InvalidSpecifier as exc:
-        raise ValueError(f"compat rule {rid!r}: bad version specifier: {exc}") from exc
-
-
-def load_rules(path: str | os.PathLike[str] | None = None) -> list[dict[str, Any]]:
-    """The compatibility rules (default: labhelpers/data/compat_rules.json), validated.
-    Used by notebook 00_env_check."""
-    data = json.loads(Path(path or RULES_FILE).read_text(encoding="utf-8"))
-    rules = data["rules"] if isinstance(data, dict) else data
-    for rule in rules:
-        validate_rule(rule)
-    return rules
-
-
-def version_matches(version: str | None, spec: str = "") -> bool:
-    """Whether an installed version satisfies a PEP 440 specifier ('' = any version).
-    Local versions compare as in pip: '2.13.0+cpu' satisfies '==2.13.0'."""
-    if version is None:
-        return False
-    if not spec:
-        return True
-    try:
-        return SpecifierSet(spec).contains(Version(version), prereleases=True)
-    except InvalidVersion:
-        return False
-
-
-def _condition_matches(cond: Mapping[str, Any], report: EnvReport) -> bool:
-    version = report.package(cond["package"])
-    if not version_matches(version, cond.get("spec", "")):
-        return False
-    local = _local_tag(version)
-    if "local" in cond and local != cond["local"]:
-        return False
-    return not ("local_not" in cond and local == cond["local_not"])
-
-
-def _describe(report: EnvReport, conditions: Iterable[Mapping[str, Any]]) -> str:
-    return " and ".join(f"{c['package']} {report.package(c['package'])}" for c in conditions)
-
-
-def _ok(rule: Mapping[str, Any], detail: str, subject: str | None = None) -> Finding:
-    return Finding("ok", rule["id"], f"passes: {detail}", "", subject)
-
-
-def _check_requires(rule: Mapping[str, Any], report: EnvReport) -> list[Finding]:
-    if not all(_condition_matches(c, report) for c in rule["when"]):
-        return []
-    when = _describe(report, rule["when"])
-    findings = []
-    for need in rule["need"]:
-        pkg, spec = need["package"], need.get("spec", "")
-        have = report.package(pkg)
-        if have is None and not need.get("must_be_installed", False):
-            continue
-        if version_matches(have, spec):
-            findings.append(_ok(rule, f"{pkg} {have} satisfies '{spec}' (with {when})", pkg))
-            continue
-        values = {"pkg": pkg, "spec": spec, "have": have or "not installed", "when": when}
-        fix = _render(need.get("fix", rule["fix"]), **values)
-        findings.append(
-            Finding(rule["level"], rule["id"], _render(rule["message"], **values), fix, pkg)
-        )
-    return findings
-
-
-def _check_conflict(rule: Mapping[str, Any], report: EnvReport) -> list[Finding]:
-    first, second = rule["packages"]
-    a, b = first["package"], second["package"]
-    if not (_condition_matches(first, report) and _condition_matches(second, report)):
-        return [_ok(rule, f"not both {a} and {b}")] if report.package(a) else []
-    values = {"a": a, "a_version": report.package(a), "b": b, "b_version": report.package(b)}
-    message = _render(rule["message"], **values)
-    return [Finding(rule["level"], rule["id"], message, _render(rule["fix"], **values), a)]
-
-
-def _check_gpu_capability(rule: Mapping[str, Any], report: EnvReport) -> list[Finding]:
-    minimum = tuple(rule["min"])
-    findings = []
-    for gpu in report.gpus:
-        if gpu.capability is None:
-            continue
-        values = {
-            "gpu": gpu.name,
-            "index": gpu.index,
-            "cc": _cc(gpu),
-            "min": "{}.{}".format(*minimum),
-        }
-        subject = f"GPU {gpu.index}"
-        if tuple(gpu.capability) >= minimum:
-            findings.append(_ok(rule, f"{gpu.name} has compute capability {values['cc']}", subject))
-            continue
-        message, fix = _render(rule["message"], **values), _render(rule["fix"], **values)
-        findings.append(Finding(rule["level"], rule["id"], message, fix, subject))
-    return findings
-
-
-def _check_cpu(rule: Mapping[str, Any], report: EnvReport) -> list[Finding]:
-    arch = [a.lower() for a in rule.get("arch", [])]
-    if arch and report.machine.lower() not in arch:
-        return []
-    values = {"model": report.cpu_model or "unknown model", "vendor": report.cpu_vendor}
-    if rule["check"] == "flag_missing":
-        if report.cpu_flags is None:
-            return []
-        values["flag"] = rule["flag"]
-        failed = rule["flag"] not in report.cpu_flags
-    else:
-        if report.cpu_vendor is None:
-            return []
-        failed = report.cpu_vendor != rule["vendor"]
-    if not failed:
-        return [_ok(rule, f"CPU {values['model']}", "CPU")]
-    message, fix = _render(rule["message"], **values), _render(rule["fix"], **values)
-    return [Finding(rule["level"], rule["id"], message, fix, "CPU")]
-
-
-def _check_torch_build(rule: Mapping[str, Any], report: EnvReport) -> list[Finding]:
-    if not report.gpus or report.torch_version is None:
-        return []
-    if report.torch_build != "cpu":
-        return [_ok(rule, f"torch {report.torch_version} is a {report.torch_build} build")]
-    values = {"torch": report.torch_version, "gpu": report.gpus[0].name}
-    message, fix = _render(rule["message"], **values), _render(rule["fix"], **values)
-    return [Finding(rule["level"], rule["id"], message, fix, "torch")]
-
-
-_CHECKERS: dict[str, Callable[[Mapping[str, Any], EnvReport], list[Finding]]] = {
-    "requires": _check_requires,
-    "conflict": _check_conflict,
-    "gpu_capability": _check_gpu_capability,
-    "cpu": _check_cpu,
-    "torch_build": _check_torch_build,
-}
-
-
-def check_compat(
-    report: EnvReport,
-    rules: Iterable[Mapping[str, Any]] | None = None,
-    *,
-    include_ok: bool = False,
-) -> list[Finding]:
-    """Evaluate the compatibility rules against a report, worst findings first.
-    Used by notebook 00_env_check.
-
-    ``rules``: rule dicts (default: labhelpers/data/compat_rules.json); a rule of unknown
-    kind raises ValueError naming its id. Rules that do not apply (trigger packages absent,
-    no GPU, CPU facts unknown) produce nothing; applicable rules that pass produce 'ok'
-    findings only when ``include_ok`` is true.
-    """
-    rule_list = load_rules() if rules is None else list(rules)
-    for rule in rule_list:
-        validate_rule(rule)
-    findings = [f for rule in rule_list for f in _CHECKERS[rule["kind"]](rule, report)]
-    if not include_ok:
-        findings = [f for f in findings if f.level != "ok"]
-    return sorted(findings, key=lambda f: -LEVELS.index(f.level))
-
-
-# --------------------------------------------------------------------------- what fits
-
-
-def _load_registry(path: Path) -> dict[str, dict[str, Any]]:
-    data = json.loads(path.read_text(encoding="utf-8"))
-    return {name: entry for name, entry in data.items() if not name.startswith("_")}
-
-
-def memory_needed_gb(size_gb: float) -> float:
-    """Rough memory to load and run a model: weights * 1.2 + 0.5 GB. KV cache, activations
-    for long prompts and batching come on top."""
-    return size_gb * MEMORY_FACTOR + MEMORY_OVERHEAD_GB
-
-
-def _gpu_fit(need: float, report: EnvReport) -> tuple[bool, str]:
-    if not report.gpus:
-        return False, "no NVIDIA GPU found on this machine"
-    gpu = max(report.gpus, key=lambda g: g.total_memory_gb)
-    have = gpu.total_memory_gb
-    where = f"GPU {gpu.index} ({gpu.name}, {have:.1f} GB)"
-    if need > have:
-        return False, f"needs ~{need:.1f} GB, more than {where}"
-    reason = f"~{need:.1f} GB of {where}; {have - need:.1f} GB left for the KV cache"
-    if not gpu.torch_visible:
-        reason += "; torch in this environment cannot use this GPU (CPU build)"
-    return True, reason
-
-
-def _cpu_fit(need: float, report: EnvReport, target: str) -> tuple[bool, str]:
-    have = report.ram_available_gb
-    if have is None:
-        return False, "available RAM unknown"
-    if need > have:
-        total = report.ram_limit_gb or report.ram_total_gb
-        hint = "; close other programs" if total is not None and need <= total else ""
-        return False, f"needs ~{need:.1f} GB RAM, {have:.1f} GB available{hint}"
-    reason = f"~{need:.1f} GB of {have:.1f} GB available RAM"
-    if target == "gpu":
-        reason += "; meant for a GPU: runs, but slowly, on CPU"
-    return True, reason
-
-
-def what_fits(report: EnvReport, models_file: str | os.PathLike[str] | None = None) -> list[dict]:
-    """For every model in the course registry (labhelpers/data/models.json): whether it fits
-    on this machine's GPU (vs GPU memory) and CPU (vs available RAM), and why.
-    Used by notebook 00_env_check (show with ``pandas.DataFrame(rows)``).
-
-    The memory estimate is rough (see ``memory_needed_gb``); the KV cache comes on top.
-    Disk need is the download size, compared with free disk at ``report.disk_path``.
-    """
-    rows = []
-    for name, model in _load_registry(Path(models_file or MODELS_FILE)).items():
-        size = float(model["size_gb"])
-        need = memory_needed_gb(size)
-        fits_gpu, gpu_reason = _gpu_fit(need, report)
-        fits_cpu, cpu_reason = _cpu_fit(need, report, model.get("target", "both"))
-        free = report.disk_free_gb
-        rows.append(
-            {
-                "model": name,
-                "params_b": model.get("params_b"),
-                "weights": model.get("weights"),
-                "target": model.get("target"),
-                "size_gb": size,
-                "memory_gb": round(need, 2),
-                "fits_gpu": fits_gpu,
-                "gpu_reason": gpu_reason,
-                "fits_cpu": fits_cpu,
-                "cpu_reason": cpu_reason,
-                "disk_ok": None if free is None else size <= free,
-                "run_on": "gpu" if fits_gpu else ("cpu" if fits_cpu else None),
-            }
-        )
-    return rows
-
-
-# --------------------------------------------------------------------------- notebooks
-
-
-def _usable_gpus(report: EnvReport) -> list[GpuInfo]:
-    """GPUs the notebook cells can use: visible to torch, and not forced off."""
-    return [] if _force_cpu() else [g for g in report.gpus if g.torch_visible]
-
-
-def _notebook_row(nb_id: str, nb: Mapping[str, Any], report: EnvReport) -> dict[str, Any]:
-    row = {"notebook": nb_id, "title": nb["title"], "kernel": nb["kernel"], "skipped": []}
-    kernels = report.jupyter_kernels
-    if kernels is not None and nb["kernel"].lower() not in {k.lower() for k in kernels}:
-        fix = f"register the kernel: python -m ipykernel install --user --name {nb['kernel']}"
-        if nb["kernel"] != "qwen-lab-core":
-            fix = f"create the notebook's own environment, then {fix} (from inside it)"
-        why = f"Jupyter kernel '{nb['kernel']}' is not registered; the notebook is skipped"
-        return row | {"status": "cannot run", "reason": why, "fix": fix}
-    ram = report.ram_limit_gb or report.ram_total_gb
-    if ram is not None and ram < nb["min_ram_gb"]:
-        why = f"needs {nb['min_ram_gb']} GB RAM, this machine has {ram:.1f} GB"
-        return row | {"status": "cannot run", "reason": why, "fix": "use a bigger machine"}
-    gpus = _usable_gpus(report)
-    if nb["gpu_parts"] and not gpus:
-        why = f"no usable NVIDIA GPU; on CPU it {nb['on_cpu']}"
-        return row | {
-            "status": "runs with GPU cells skipped",
-            "skipped": list(nb["gpu_parts"]),
-            "reason": why,
-            "fix": "",
-        }
-    reason = "CPU notebook" if not nb["gpu_parts"] else f"GPU: {gpus[0].name}"
-    biggest = max((g.total_memory_gb for g in gpus), default=0.0)
-    if nb["gpu_parts"] and nb.get("min_gpu_gb") and biggest < nb["min_gpu_gb"]:
-        reason += f"; GPU parts assume {nb['min_gpu_gb']} GB, this GPU has {biggest:.1f} GB"
-    return row | {"status": "runs fully", "reason": reason, "fix": ""}
-
-
-def notebooks_here(
-    report: EnvReport, notebooks_file: str | os.PathLike[str] | None = None
-) -> list[dict]:
-    """For each course notebook (labhelpers/data/notebooks.json): 'runs fully',
-    'runs with GPU cells skipped' (listed in 'skipped') or 'cannot run', with the reason
-    and a fix. Used by notebook 00_env_check (show with ``pandas.DataFrame(rows)``)."""
-    data = _load_registry(Path(notebooks_file or NOTEBOOKS_FILE))
-    return [_notebook_row(nb_id, nb, report) for nb_id, nb in data.items()]

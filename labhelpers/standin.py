@@ -233,29 +233,39 @@ def build_standin_gptq(
     base = build_standin(log=log)
     # GPTQModel sizes its CPU worker pool from this at import; on 2 cores the default fails.
     os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(2, os.cpu_count() or 2)))
-    import torch
-    from gptqmodel import GPTQModel, QuantizeConfig
-    from transformers import AutoTokenizer
-
     from labhelpers.calibration import build_calibration_set, builtin_conversations
+    from labhelpers.progress import last_gptq_layer, output_to_file
 
     t0 = time.perf_counter()
-    log(f"… quantizing {STANDIN} to GPTQ int4 (group {GPTQ_GROUP_SIZE}); 2-3 minutes on 2 cores")
-    tokenizer = AutoTokenizer.from_pretrained(base)
-    calib = build_calibration_set(
-        tokenizer, builtin_conversations()[:num_samples], max_length=max_length
-    )
-    qcfg = QuantizeConfig(bits=GPTQ_BITS, group_size=GPTQ_GROUP_SIZE, desc_act=False, sym=True)
-    model = GPTQModel.load(str(base), qcfg, dtype=torch.float32)
-    # GPTQModel writes per-layer logs under ./logs: keep them in the cache, not the CWD.
+    # GPTQModel writes per-layer logs under ./logs and prints MBs of tables: keep both in
+    # the cache and show a heartbeat with the layer reached instead.
     log_dir = models_dir().parent / "logs"
-    log_dir.mkdir(exist_ok=True)
+    log_file = log_dir / f"{STANDIN_GPTQ}-build.log"
+    layers = json.loads((base / "config.json").read_text())["num_hidden_layers"]
+
+    def reached() -> str:
+        done = last_gptq_layer(log_dir)
+        return "" if done is None else f"; layer {done + 1} of {layers} done"
+
+    log(f"… quantizing {STANDIN} to GPTQ int4 (group {GPTQ_GROUP_SIZE}); 3-4 minutes on 2 cores")
+    log(f"  GPTQModel's own output: {log_file}")
     cwd = os.getcwd()
-    os.chdir(log_dir)
-    try:
-        model.quantize(calib, batch_size=1)
-    finally:
-        os.chdir(cwd)
+    with output_to_file(log_file, what="quantizing", status=reached):
+        import torch
+        from gptqmodel import GPTQModel, QuantizeConfig
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(base)
+        calib = build_calibration_set(
+            tokenizer, builtin_conversations()[:num_samples], max_length=max_length
+        )
+        qcfg = QuantizeConfig(bits=GPTQ_BITS, group_size=GPTQ_GROUP_SIZE, desc_act=False, sym=True)
+        model = GPTQModel.load(str(base), qcfg, dtype=torch.float32)
+        os.chdir(log_dir)
+        try:
+            model.quantize(calib, batch_size=1)
+        finally:
+            os.chdir(cwd)
     with atomic_dir(dest, overwrite=True) as tmp:
         model.save(str(tmp))
         store_unquantized_as_bf16(tmp)
