@@ -367,7 +367,7 @@ def _physical_cores() -> int | None:
 
 
 def _fill_memory(report: EnvReport) -> None:
-    total, available = _memory_bytes()
+    total, available = memory_bytes()
     limit = _cgroup_memory_limit()
     if limit is not None and total is not None and limit < total:
         report.ram_limit_gb = limit / GB
@@ -378,8 +378,9 @@ def _fill_memory(report: EnvReport) -> None:
     report.ram_available_gb = None if available is None else available / GB
 
 
-def _memory_bytes() -> tuple[int | None, int | None]:
-    """(total, available) RAM in bytes: psutil, else /proc/meminfo, else (None, None)."""
+def memory_bytes() -> tuple[int | None, int | None]:
+    """(total, available) RAM in bytes: psutil, else /proc/meminfo, else (None, None).
+    Used by notebook 00_env_check and by labhelpers.models' RAM check."""
     try:
         import psutil
 

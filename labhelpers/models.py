@@ -190,28 +190,19 @@ def _check_safetensors(file: Path, redo: str) -> None:
 
 def dir_size_gb(path: str | os.PathLike[str]) -> float:
     """Size of a folder's files in GB (follows the links a hub cache uses)."""
-    total = 0
-    for root, _dirs, files in os.walk(path, followlinks=True):
-        for name in files:
-            try:
-                total += os.stat(os.path.join(root, name)).st_size
-            except OSError:
-                pass
-    return total / GB
+    from labhelpers.bench import dir_size_bytes
+
+    return dir_size_bytes(path) / GB
 
 
 def available_ram_gb() -> float:
     """Memory available to a new allocation now (MemAvailable), in GB."""
-    try:
-        import psutil
+    from labhelpers.env import memory_bytes
 
-        return psutil.virtual_memory().available / GB
-    except ImportError:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024 / GB
-    raise RuntimeError("cannot read available memory")
+    available = memory_bytes()[1]
+    if available is None:
+        raise RuntimeError("cannot read available memory (no psutil, no /proc/meminfo)")
+    return available / GB
 
 
 def check_fits_in_ram(

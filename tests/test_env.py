@@ -109,7 +109,7 @@ def test_parse_nvidia_smi():
 @pytest.mark.skipif(not Path("/proc/meminfo").exists(), reason="needs /proc/meminfo")
 def test_memory_falls_back_to_proc_meminfo(monkeypatch):
     monkeypatch.setitem(sys.modules, "psutil", None)  # import psutil -> ImportError
-    total, available = env._memory_bytes()
+    total, available = env.memory_bytes()
     first = Path("/proc/meminfo").read_text().splitlines()[0]
     assert first.startswith("MemTotal:")
     assert total == int(first.split()[1]) * 1024
