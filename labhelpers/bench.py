@@ -430,18 +430,11 @@ def rss_bytes(pid: int | None = None) -> int:
 
 def _proc_children(pid: int) -> list[int]:
     """All descendants of ``pid`` found by scanning /proc (fallback without psutil)."""
+    from labhelpers.procs import proc_stats
+
     parents: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as fh:
-                stat = fh.read()
-        except OSError:
-            continue
-        # Field 4 (ppid) follows the command name, which is in parentheses.
-        ppid = int(stat[stat.rfind(")") + 2 :].split()[1])
-        parents.setdefault(ppid, []).append(int(entry))
+    for proc in proc_stats():
+        parents.setdefault(proc.ppid, []).append(proc.pid)
     found: list[int] = []
     todo = [pid]
     while todo:

@@ -34,6 +34,40 @@ def builtin_conversations() -> list[Conversation]:
     return _parse_jsonl(text.splitlines(), source="built-in calibration_chats.jsonl")
 
 
+def python_doc_conversations(
+    n: int, *, avoid: str | None = None, chars: int = 2000, per_section: int = 3
+) -> list[Conversation]:
+    """Up to ``n`` English technical conversations made from the Python Language Reference
+    that ships with Python (``pydoc_data.topics``): the user asks about a section, the
+    assistant answers with a chunk of its text (``chars`` characters, at most
+    ``per_section`` chunks per section; shuffled with a fixed seed).
+
+    Sections sharing any 8-word sequence with ``avoid`` (the held-out evaluation text) are
+    left out, so the evaluation stays honest. Used by notebook 02_gptq_calibration to test
+    calibration data closer to the evaluation domain.
+    """
+    import random
+    from pydoc_data.topics import topics
+
+    from labhelpers.quant import ngram_overlap
+
+    convs: list[Conversation] = []
+    for name in sorted(topics):
+        text = topics[name].strip()
+        if avoid is not None and ngram_overlap([text], avoid) > 0:
+            continue
+        for start in range(0, min(len(text), per_section * chars), chars):
+            question = f"Explain this part of the Python reference: {name}."
+            convs.append(
+                [
+                    {"role": "user", "content": question},
+                    {"role": "assistant", "content": text[start : start + chars]},
+                ]
+            )
+    random.Random(0).shuffle(convs)
+    return convs[:n]
+
+
 def load_conversations(path: str | os.PathLike[str]) -> list[Conversation]:
     """Load a JSONL file: one ``{"messages": [{"role": ..., "content": ...}, ...]}`` per line.
 

