@@ -428,6 +428,20 @@ def rss_bytes(pid: int | None = None) -> int:
     return int(psutil.Process(pid).memory_info().rss)
 
 
+def rss_peak_bytes(pid: int | str = "self") -> int | None:
+    """Highest RSS a process has had since it started (``VmHWM`` in /proc/<pid>/status), or
+    None where /proc is missing (notebook 03: each format is measured in a fresh process, so
+    this peak belongs to that format alone)."""
+    try:
+        lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return None
+
+
 def _proc_children(pid: int) -> list[int]:
     """All descendants of ``pid`` found by scanning /proc (fallback without psutil)."""
     from labhelpers.procs import proc_stats
@@ -937,6 +951,26 @@ def model_weight_bytes(model: Any) -> int:
         key = (str(tensor.device), ptr) if ptr else ("id", id(tensor))
         seen[key] = max(seen.get(key, 0), nbytes)
     return int(sum(seen.values()))
+
+
+def streamed_weight_bytes(model: Any) -> int:
+    """Bytes one decode step reads from memory for the weights of a loaded model: its
+    parameters and buffers (:func:`model_weight_bytes`) less the rotary position tables (one
+    row read per step; transformers 4.37 keeps a float32 table in every layer) and less the
+    input embedding table when the LM head does not share it (a lookup reads one row; the LM
+    head reads all of its own). The input of the roofline (notebooks 03, 06)."""
+    total = model_weight_bytes(model)
+    seen: set[int] = set()
+    for name, module in model.named_modules():
+        if name.endswith("rotary_emb"):
+            for buf in module.buffers(recurse=False):
+                if buf.data_ptr() not in seen:
+                    seen.add(buf.data_ptr())
+                    total -= buf.numel() * buf.element_size()
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if emb is not None and head is not None and emb.weight.data_ptr() != head.weight.data_ptr():
+        total -= emb.weight.numel() * emb.weight.element_size()
+    return total
 
 
 def _config_get(config: Any, name: str) -> Any:

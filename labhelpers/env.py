@@ -68,6 +68,10 @@ CPU_FLAGS_OF_INTEREST: tuple[str, ...] = (
     "avx2",
     "fma",
     "avx512f",
+    "avx512bw",
+    "avx512cd",
+    "avx512dq",
+    "avx512vl",
     "avx512_vnni",
     "avx_vnni",
     "avx512_bf16",
@@ -675,3 +679,23 @@ def skip_unless_gpu(what: str) -> bool:
             "On a GPU machine this cell runs."
         )
     return usable
+
+
+def kernel_python(kernel: str, venv: str | None = None) -> Path | None:
+    """The Python interpreter behind a registered Jupyter kernel (e.g. ``qwen-lab-ipex``), else
+    the checkout's ``.venvs/<venv>/bin/python`` when ``venv`` is given; None when neither
+    exists. Lets a notebook run a script in another course environment as a subprocess
+    (03_ipex_llm_cpu_int4's tests, 06_which_backend's IPEX-LLM and TensorRT-LLM rows)."""
+    try:
+        from jupyter_client.kernelspec import KernelSpecManager
+
+        python = Path(KernelSpecManager().get_kernel_spec(kernel).argv[0])
+        if python.is_file():
+            return python
+    except Exception:  # no jupyter_client, no such kernel, a broken kernel.json
+        pass
+    from labhelpers import paths
+
+    root = paths.repo_root()
+    candidate = root / ".venvs" / venv / "bin" / "python" if root and venv else None
+    return candidate if candidate and candidate.is_file() else None

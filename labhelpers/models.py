@@ -170,7 +170,26 @@ def _check_weights(path: Path, redo: str) -> None:
         _check_safetensors(file, redo)
 
 
-def _check_safetensors(file: Path, redo: str) -> None:
+@dataclass(frozen=True)
+class TensorInfo:
+    """One tensor as a safetensors header describes it (no data is read)."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    nbytes: int
+
+    @property
+    def numel(self) -> int:
+        count = 1
+        for dim in self.shape:
+            count *= dim
+        return count
+
+
+def read_safetensors_header(file: str | os.PathLike[str]) -> tuple[int, dict[str, Any]]:
+    """``(header length, header dict)`` of one ``.safetensors`` file; ValueError when the file
+    is not one. Reads only the first bytes of the file."""
+    file = Path(file)
     size = file.stat().st_size
     try:
         with file.open("rb") as fh:
@@ -178,7 +197,31 @@ def _check_safetensors(file: Path, redo: str) -> None:
             if header_len > size - 8:
                 raise ValueError("header longer than file")
             header = json.loads(fh.read(header_len))
-    except (struct.error, ValueError) as exc:
+    except struct.error as exc:
+        raise ValueError(str(exc)) from exc
+    return header_len, header
+
+
+def safetensors_tensors(model_dir: str | os.PathLike[str]) -> dict[str, TensorInfo]:
+    """Every tensor of a model folder's ``*.safetensors`` files, from their headers only
+    (notebooks 03 and 06: parameter counts and bytes streamed per token)."""
+    files = sorted(Path(model_dir).glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{model_dir} has no *.safetensors weights")
+    tensors = {}
+    for file in files:
+        for name, meta in read_safetensors_header(file)[1].items():
+            if name != "__metadata__":
+                begin, end = meta["data_offsets"]
+                tensors[name] = TensorInfo(meta["dtype"], tuple(meta["shape"]), end - begin)
+    return tensors
+
+
+def _check_safetensors(file: Path, redo: str) -> None:
+    size = file.stat().st_size
+    try:
+        header_len, header = read_safetensors_header(file)
+    except ValueError as exc:
         raise ModelDirError(f"{file} is not a readable safetensors file ({exc}). {redo}") from exc
     ends = [t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"]
     expected = 8 + header_len + max(ends, default=0)

@@ -21,7 +21,7 @@ import math
 import os
 import re
 import struct
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -131,6 +131,45 @@ def perplexity(
             scored_up_to = end
             if end == n:
                 break
+    return math.exp(nll_sum / counted)
+
+
+def perplexity_from_logprobs(
+    score: Callable[[list[int]], Sequence[float]],
+    input_ids: Sequence[int],
+    *,
+    window: int = 512,
+    stride: int = 256,
+) -> float:
+    """:func:`perplexity` for a model that only returns log-probabilities, such as an
+    OpenAI-compatible server (vLLM's ``prompt_logprobs``; notebook 06_which_backend).
+
+    ``score(chunk)`` gets a window of token ids and returns the log-probability of each
+    token after the first (``len(chunk) - 1`` floats, natural log). The windows and the
+    tokens scored are exactly those of :func:`perplexity`, so both give the same number for
+    the same model and text."""
+    ids = [int(i) for i in input_ids]
+    n = len(ids)
+    if n < 2:
+        raise ValueError("perplexity needs at least 2 tokens")
+    if not 0 < stride <= window:
+        raise ValueError(f"need 0 < stride <= window; got stride={stride}, window={window}")
+    nll_sum, counted, scored_up_to = 0.0, 0, 1
+    for begin in range(0, n, stride):
+        end = min(begin + window, n)
+        chunk = ids[begin:end]
+        logprobs = list(score(chunk))
+        if len(logprobs) != len(chunk) - 1:
+            raise ValueError(
+                f"score() returned {len(logprobs)} log-probabilities for a window of "
+                f"{len(chunk)} tokens; expected {len(chunk) - 1} (one per token after the first)"
+            )
+        first = max(0, scored_up_to - begin - 1)
+        nll_sum -= sum(logprobs[first:])
+        counted += len(logprobs) - first
+        scored_up_to = end
+        if end == n:
+            break
     return math.exp(nll_sum / counted)
 
 

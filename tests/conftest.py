@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
 import pytest
+
+# tests/ipex/ needs the IPEX-LLM environment (transformers 4.37); the core run starts it there
+# (tests/test_ipex_env.py).
+collect_ignore = [] if importlib.util.find_spec("ipex_llm") else ["ipex"]
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
-KERNELS = {"qwen-lab-core", "qwen-lab-trtllm"}  # the kernels ./course registers
+KERNELS = {"qwen-lab-core", "qwen-lab-trtllm", "qwen-lab-ipex"}  # the kernels ./course registers
 
 
 def test_there_are_numbered_notebooks():
