@@ -106,32 +106,17 @@ def perplexity(
     """
     import torch
 
-    ids = torch.as_tensor(input_ids, dtype=torch.long).reshape(1, -1)
-    n = ids.shape[1]
-    if n < 2:
-        raise ValueError("perplexity needs at least 2 tokens")
-    if not 0 < stride <= window:
-        raise ValueError(f"need 0 < stride <= window; got stride={stride}, window={window}")
+    ids = torch.as_tensor(input_ids, dtype=torch.long).reshape(-1).tolist()
     device = next(iter(model.parameters()), torch.empty(0)).device
-    nll_sum, counted, scored_up_to = 0.0, 0, 1  # token 0 has no context: never scored
-    with torch.inference_mode():
-        for begin in range(0, n, stride):
-            end = min(begin + window, n)
-            chunk = ids[:, begin:end].to(device)
-            logits = _logits(model, chunk)[0, :-1].float()
-            targets = chunk[0, 1:]
-            # index (in targets) of the first token not scored yet; with stride == window
-            # the window's first token has no context here and is skipped
-            first = max(0, scored_up_to - begin - 1)
-            losses = torch.nn.functional.cross_entropy(
-                logits[first:], targets[first:], reduction="none"
-            )
-            nll_sum += float(losses.sum())
-            counted += losses.numel()
-            scored_up_to = end
-            if end == n:
-                break
-    return math.exp(nll_sum / counted)
+
+    def score(chunk: list[int]) -> list[float]:
+        with torch.inference_mode():
+            tokens = torch.tensor([chunk], device=device)
+            logits = _logits(model, tokens)[0, :-1].float()
+            logprobs = torch.log_softmax(logits, dim=-1)
+            return logprobs.gather(1, tokens[0, 1:, None])[:, 0].tolist()
+
+    return perplexity_from_logprobs(score, ids, window=window, stride=stride)
 
 
 def perplexity_from_logprobs(
@@ -154,7 +139,7 @@ def perplexity_from_logprobs(
         raise ValueError("perplexity needs at least 2 tokens")
     if not 0 < stride <= window:
         raise ValueError(f"need 0 < stride <= window; got stride={stride}, window={window}")
-    nll_sum, counted, scored_up_to = 0.0, 0, 1
+    nll_sum, counted, scored_up_to = 0.0, 0, 1  # token 0 has no context: never scored
     for begin in range(0, n, stride):
         end = min(begin + window, n)
         chunk = ids[begin:end]
@@ -164,6 +149,8 @@ def perplexity_from_logprobs(
                 f"score() returned {len(logprobs)} log-probabilities for a window of "
                 f"{len(chunk)} tokens; expected {len(chunk) - 1} (one per token after the first)"
             )
+        # index (in logprobs) of the first token not scored yet; with stride == window the
+        # window's first token has no context here and is skipped
         first = max(0, scored_up_to - begin - 1)
         nll_sum -= sum(logprobs[first:])
         counted += len(logprobs) - first
