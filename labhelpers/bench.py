@@ -1011,10 +1011,16 @@ def kv_geometry(config: Any) -> dict[str, int]:
 # --------------------------------------------------------------------------------------
 
 
-def dir_size_bytes(path: str | os.PathLike[str]) -> int:
-    """Size on disk of a model folder (notebooks 01, 03, 05, 06). Symlinked files are
+#: File endings of model weights (``dir_size_bytes(folder, WEIGHT_FILES)``: weights only).
+WEIGHT_FILES = (".safetensors", ".bin")
+
+
+def dir_size_bytes(path: str | os.PathLike[str], suffixes: Sequence[str] | None = None) -> int:
+    """Size on disk of a model folder (notebooks 01, 02, 03, 05, 06). Symlinked files are
     resolved and their targets counted (the HF cache links snapshot files to blobs); a
-    file reached twice (two links, hard links) counts once; broken links are skipped."""
+    file reached twice (two links, hard links) counts once; broken links are skipped.
+    ``suffixes``: count only files with these endings (:data:`WEIGHT_FILES`: the weights,
+    not the tokenizer)."""
     root = Path(path)
     if root.is_file():
         return root.stat().st_size
@@ -1024,6 +1030,8 @@ def dir_size_bytes(path: str | os.PathLike[str]) -> int:
     total = 0
     for dirpath, _dirnames, filenames in os.walk(root):
         for name in filenames:
+            if suffixes is not None and not name.endswith(tuple(suffixes)):
+                continue
             try:
                 st = os.stat(os.path.join(dirpath, name))  # follows symlinks
             except OSError:

@@ -106,15 +106,6 @@ def check_format(
     return fmt
 
 
-def bits_per_weight(low_bit: str) -> int:
-    """Nominal bits per weight of a CPU format (scales/zeros come on top)."""
-    try:
-        return CPU_FORMATS[low_bit]
-    except KeyError:
-        msg = f"'{low_bit}' is not a CPU format ({', '.join(CPU_FORMATS)})"
-        raise LowBitFormatError(msg) from None
-
-
 def check_low_bit_folder(path: str | os.PathLike[str]) -> str:
     """Return the format recorded in a folder written by ``model.save_low_bit(path)``, or raise
     :class:`NotALowBitFolderError` with what to do instead."""

@@ -566,6 +566,8 @@ def test_dir_size_bytes_resolves_links_once(tmp_path):
     # the snapshot folder alone: links resolved to their targets' sizes
     assert bench.dir_size_bytes(snap) == 1234
     assert bench.dir_size_bytes(blobs / "w2") == 234
+    # weights only: config.json (the other link) and the broken link are not counted
+    assert bench.dir_size_bytes(snap, bench.WEIGHT_FILES) == 1000
     with pytest.raises(FileNotFoundError):
         bench.dir_size_bytes(tmp_path / "nope")
 

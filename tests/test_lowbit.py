@@ -64,12 +64,6 @@ def test_unknown_format_lists_the_cpu_formats():
         check_format("int3")
 
 
-def test_bits_per_weight():
-    assert lowbit.bits_per_weight("asym_int5") == 5
-    with pytest.raises(LowBitFormatError):
-        lowbit.bits_per_weight("nf4")
-
-
 def test_low_bit_folder_checks(tmp_path: Path):
     with pytest.raises(NotALowBitFolderError, match="does not exist.*save_low_bit"):
         check_low_bit_folder(tmp_path / "missing")
