@@ -1,35 +1,32 @@
-"""Do the installed versions, the GPU and the CPU fit together? Rules kept as data.
+"""Do the installed versions, the driver, the GPU and the CPU fit together? Rules kept as data.
 
-Used by notebook 00_env_check: ``check_compat(env.collect_report())`` evaluates the rules in
-``labhelpers/data/compat_rules.json`` (edit that file to add a rule; its ``_doc`` describes
-the rule kinds) and returns a ``Finding`` per problem, each with a concrete fix.
-
-Importing this module is instant: standard library and ``packaging`` only.
+Used by notebook 00: ``check_compat(machine.collect_report())`` evaluates the rules in
+``labhelpers/data/compat_rules.json`` (its ``_doc`` describes the rule kinds; add a rule there)
+and returns one :class:`Finding` per problem, each with a concrete fix.
 """
 
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from packaging.specifiers import InvalidSpecifier, SpecifierSet
+from packaging.specifiers import SpecifierSet
 from packaging.version import InvalidVersion, Version
 
-from labhelpers.env import EnvReport, local_version_tag
+from labhelpers.machine import Report, local_version_tag
 
 RULES_FILE = Path(__file__).resolve().parent / "data" / "compat_rules.json"
-
-LEVELS: tuple[str, ...] = ("ok", "info", "warn", "error")
-_LEVEL_ICON = {"ok": "✅", "info": "ℹ️ ", "warn": "⚠️ ", "error": "❌"}
+LEVELS = ("ok", "info", "warn", "error")
+_ICON = {"ok": "✅", "info": "ℹ️ ", "warn": "⚠️ ", "error": "❌"}
+Rule = Mapping[str, Any]
 
 
 @dataclass
 class Finding:
-    """One compatibility verdict. ``level``: 'ok' | 'info' | 'warn' | 'error'."""
+    """One verdict. ``level``: 'ok' | 'info' | 'warn' | 'error'."""
 
     level: str
     rule: str
@@ -38,219 +35,176 @@ class Finding:
     subject: str | None = None
 
     def __str__(self) -> str:
-        text = f"{_LEVEL_ICON.get(self.level, '')} [{self.rule}] {self.message}"
+        text = f"{_ICON.get(self.level, '')} [{self.rule}] {self.message}"
         return text + (f"\n   fix: {self.fix}" if self.fix and self.level != "ok" else "")
 
 
-class _Template(dict):
-    """str.format_map mapping that leaves unknown placeholders as they are."""
-
-    def __missing__(self, key: str) -> str:
+class _Values(dict):
+    def __missing__(self, key: str) -> str:  # unknown placeholders stay as they are
         return "{" + key + "}"
 
 
-def _render(template: str, **values: Any) -> str:
-    return template.format_map(_Template(values))
+def _finding(
+    rule: Rule, subject: str | None = None, fix: str | None = None, **values: Any
+) -> Finding:
+    def render(text: str) -> str:
+        return text.format_map(_Values(values))
+
+    message, fix = render(rule["message"]), render(fix or rule["fix"])
+    return Finding(rule["level"], rule["id"], message, fix, subject)
 
 
-_COMMON_KEYS = ("id", "kind", "level", "message", "fix")
-_KIND_KEYS = {
-    "requires": ("when", "need"),
-    "conflict": ("packages",),
-    "gpu_capability": ("min",),
-    "cpu": ("check",),
-    "torch_build": ("check",),
-}
-_CPU_CHECKS = {"flag_missing": "flag", "vendor_not": "vendor"}
-_TORCH_CHECKS = ("cpu_build_with_gpu",)
-
-
-def validate_rule(rule: Mapping[str, Any]) -> None:
-    """Raise ValueError naming the rule id if a rule is malformed or of an unknown kind."""
-    rid = rule.get("id", "<no id>")
-    kind = rule.get("kind")
-    if kind not in _KIND_KEYS:
-        raise ValueError(
-            f"compat rule {rid!r}: unknown kind {kind!r} (known: {sorted(_KIND_KEYS)})"
-        )
-    missing = [k for k in _COMMON_KEYS + _KIND_KEYS[kind] if k not in rule]
-    if missing:
-        raise ValueError(f"compat rule {rid!r}: missing keys {missing}")
-    if rule["level"] not in LEVELS[1:]:
-        raise ValueError(f"compat rule {rid!r}: level {rule['level']!r} not in {LEVELS[1:]}")
-    conditions = list(rule.get("when", [])) + list(rule.get("need", []))
-    conditions += list(rule.get("packages", []))
-    for cond in conditions:
-        _validate_condition(rid, cond)
-    if kind == "conflict" and len(rule["packages"]) != 2:
-        raise ValueError(f"compat rule {rid!r}: 'packages' must hold exactly two conditions")
-    if kind == "cpu" and _CPU_CHECKS.get(rule["check"]) not in rule:
-        raise ValueError(f"compat rule {rid!r}: cpu check must be one of {_CPU_CHECKS} + its key")
-    if kind == "torch_build" and rule["check"] not in _TORCH_CHECKS:
-        raise ValueError(f"compat rule {rid!r}: torch_build check must be one of {_TORCH_CHECKS}")
-    if kind == "gpu_capability" and len(rule["min"]) != 2:
-        raise ValueError(f"compat rule {rid!r}: 'min' must be [major, minor]")
-
-
-def _validate_condition(rid: str, cond: Mapping[str, Any]) -> None:
-    if "package" not in cond:
-        raise ValueError(f"compat rule {rid!r}: condition without 'package': {cond}")
-    try:
-        SpecifierSet(cond.get("spec", ""))
-    except InvalidSpecifier as exc:
-        raise ValueError(f"compat rule {rid!r}: bad version specifier: {exc}") from exc
-
-
-def load_rules(path: str | os.PathLike[str] | None = None) -> list[dict[str, Any]]:
-    """The compatibility rules (default: labhelpers/data/compat_rules.json), validated.
-    Used by notebook 00_env_check."""
-    data = json.loads(Path(path or RULES_FILE).read_text(encoding="utf-8"))
-    rules = data["rules"] if isinstance(data, dict) else data
-    for rule in rules:
-        validate_rule(rule)
-    return rules
+def _ok(rule: Rule, detail: str, subject: str | None = None) -> Finding:
+    return Finding("ok", rule["id"], f"passes: {detail}", "", subject)
 
 
 def version_matches(version: str | None, spec: str = "") -> bool:
-    """Whether an installed version satisfies a PEP 440 specifier ('' = any version).
-    Local versions compare as in pip: '2.13.0+cpu' satisfies '==2.13.0'."""
+    """Whether a version satisfies a PEP 440 specifier ('' = any); '2.13.0+cpu' matches
+    '==2.13.0' as in pip."""
     if version is None:
         return False
-    if not spec:
-        return True
     try:
         return SpecifierSet(spec).contains(Version(version), prereleases=True)
     except InvalidVersion:
         return False
 
 
-def _condition_matches(cond: Mapping[str, Any], report: EnvReport) -> bool:
+def _matches(cond: Mapping[str, Any], report: Report) -> bool:
     version = report.package(cond["package"])
-    if not version_matches(version, cond.get("spec", "")):
-        return False
     local = local_version_tag(version)
-    if "local" in cond and local != cond["local"]:
-        return False
-    return not ("local_not" in cond and local == cond["local_not"])
+    return (
+        version_matches(version, cond.get("spec", ""))
+        and cond.get("local", local) == local
+        and ("local_not" not in cond or local != cond["local_not"])
+    )
 
 
-def _describe(report: EnvReport, conditions: Iterable[Mapping[str, Any]]) -> str:
-    return " and ".join(f"{c['package']} {report.package(c['package'])}" for c in conditions)
-
-
-def _ok(rule: Mapping[str, Any], detail: str, subject: str | None = None) -> Finding:
-    return Finding("ok", rule["id"], f"passes: {detail}", "", subject)
-
-
-def _check_requires(rule: Mapping[str, Any], report: EnvReport) -> list[Finding]:
-    if not all(_condition_matches(c, report) for c in rule["when"]):
+def _requires(rule: Rule, report: Report) -> list[Finding]:
+    if not all(_matches(c, report) for c in rule["when"]):
         return []
-    when = _describe(report, rule["when"])
-    findings = []
+    when = " and ".join(f"{c['package']} {report.package(c['package'])}" for c in rule["when"])
+    out = []
     for need in rule["need"]:
         pkg, spec = need["package"], need.get("spec", "")
         have = report.package(pkg)
         if have is None and not need.get("must_be_installed", False):
             continue
         if version_matches(have, spec):
-            findings.append(_ok(rule, f"{pkg} {have} satisfies '{spec}' (with {when})", pkg))
-            continue
-        values = {"pkg": pkg, "spec": spec, "have": have or "not installed", "when": when}
-        fix = _render(need.get("fix", rule["fix"]), **values)
-        findings.append(
-            Finding(rule["level"], rule["id"], _render(rule["message"], **values), fix, pkg)
-        )
-    return findings
+            out.append(_ok(rule, f"{pkg} {have} satisfies '{spec}' (with {when})", pkg))
+        else:
+            values = dict(pkg=pkg, spec=spec, have=have or "not installed", when=when)
+            out.append(_finding(rule, pkg, need.get("fix"), **values))
+    return out
 
 
-def _check_conflict(rule: Mapping[str, Any], report: EnvReport) -> list[Finding]:
+def _conflict(rule: Rule, report: Report) -> list[Finding]:
     first, second = rule["packages"]
     a, b = first["package"], second["package"]
-    if not (_condition_matches(first, report) and _condition_matches(second, report)):
+    if not (_matches(first, report) and _matches(second, report)):
         return [_ok(rule, f"not both {a} and {b}")] if report.package(a) else []
-    values = {"a": a, "a_version": report.package(a), "b": b, "b_version": report.package(b)}
-    message = _render(rule["message"], **values)
-    return [Finding(rule["level"], rule["id"], message, _render(rule["fix"], **values), a)]
+    versions = dict(a_version=report.package(a), b_version=report.package(b))
+    return [_finding(rule, a, a=a, b=b, **versions)]
 
 
-def _check_gpu_capability(rule: Mapping[str, Any], report: EnvReport) -> list[Finding]:
-    minimum = tuple(rule["min"])
-    findings = []
+def _gpu_capability(rule: Rule, report: Report) -> list[Finding]:
+    out = []
     for gpu in report.gpus:
         if gpu.capability is None:
             continue
-        values = {
-            "gpu": gpu.name,
-            "index": gpu.index,
-            "cc": gpu.capability_text,
-            "min": "{}.{}".format(*minimum),
-        }
-        subject = f"GPU {gpu.index}"
-        if tuple(gpu.capability) >= minimum:
-            findings.append(_ok(rule, f"{gpu.name} has compute capability {values['cc']}", subject))
-            continue
-        message, fix = _render(rule["message"], **values), _render(rule["fix"], **values)
-        findings.append(Finding(rule["level"], rule["id"], message, fix, subject))
-    return findings
+        subject, cc = f"GPU {gpu.index}", gpu.capability_text
+        if tuple(gpu.capability) >= tuple(rule["min"]):
+            out.append(_ok(rule, f"{gpu.name} has compute capability {cc}", subject))
+        else:
+            need = "{}.{}".format(*rule["min"])
+            out.append(_finding(rule, subject, gpu=gpu.name, index=gpu.index, cc=cc, min=need))
+    return out
 
 
-def _check_cpu(rule: Mapping[str, Any], report: EnvReport) -> list[Finding]:
-    arch = [a.lower() for a in rule.get("arch", [])]
-    if arch and report.machine.lower() not in arch:
+def _cpu(rule: Rule, report: Report) -> list[Finding]:
+    if rule.get("arch") and report.machine.lower() not in rule["arch"]:
         return []
-    values = {"model": report.cpu_model or "unknown model", "vendor": report.cpu_vendor}
     if rule["check"] == "flag_missing":
         if report.cpu_flags is None:
             return []
-        values["flag"] = rule["flag"]
         failed = rule["flag"] not in report.cpu_flags
-    else:
+    else:  # vendor_not
         if report.cpu_vendor is None:
             return []
         failed = report.cpu_vendor != rule["vendor"]
+    model = report.cpu_model or "unknown"
     if not failed:
-        return [_ok(rule, f"CPU {values['model']}", "CPU")]
-    message, fix = _render(rule["message"], **values), _render(rule["fix"], **values)
-    return [Finding(rule["level"], rule["id"], message, fix, "CPU")]
+        return [_ok(rule, f"CPU {model}", "CPU")]
+    return [_finding(rule, "CPU", model=model, vendor=report.cpu_vendor, flag=rule.get("flag"))]
 
 
-def _check_torch_build(rule: Mapping[str, Any], report: EnvReport) -> list[Finding]:
-    if not report.gpus or report.torch_version is None:
-        return []
-    if report.torch_build != "cpu":
-        return [_ok(rule, f"torch {report.torch_version} is a {report.torch_build} build")]
-    values = {"torch": report.torch_version, "gpu": report.gpus[0].name}
-    message, fix = _render(rule["message"], **values), _render(rule["fix"], **values)
-    return [Finding(rule["level"], rule["id"], message, fix, "torch")]
+def _major(version: str | None) -> int | None:
+    try:
+        return int(str(version).split(".")[0]) if version else None
+    except ValueError:
+        return None
 
 
-_CHECKERS: dict[str, Callable[[Mapping[str, Any], EnvReport], list[Finding]]] = {
-    "requires": _check_requires,
-    "conflict": _check_conflict,
-    "gpu_capability": _check_gpu_capability,
-    "cpu": _check_cpu,
-    "torch_build": _check_torch_build,
+def _cuda(rule: Rule, report: Report) -> list[Finding]:
+    """CUDA stack checks: a CPU torch beside a GPU; a driver older than torch's CUDA major;
+    an nvcc whose CUDA major differs from torch's (GPTQModel compiles its Marlin kernels with
+    nvcc at the first GPU load)."""
+    torch_cuda, driver, nvcc = report.torch_cuda, report.driver_cuda, report.nvcc_cuda
+    gpu = report.gpus[0].name if report.gpus else None
+    values = dict(torch=report.torch_version, torch_cuda=torch_cuda, driver=report.nvidia_driver,
+                  driver_cuda=driver, nvcc=nvcc or "not installed", gpu=gpu)  # fmt: skip
+    check = rule["check"]
+    if check == "cpu_build_with_gpu":
+        if not report.gpus or report.torch_version is None:
+            return []
+        failed = report.torch_build == "cpu"
+    elif check == "driver_older_than_torch":
+        if _major(torch_cuda) is None or _major(driver) is None:
+            return []
+        failed = _major(driver) < _major(torch_cuda)  # CUDA minor versions are compatible
+    elif check == "nvcc_mismatch":
+        if not report.gpus or _major(torch_cuda) is None:
+            return []
+        failed = _major(nvcc) != _major(torch_cuda)
+    else:
+        raise ValueError(f"compat rule {rule['id']!r}: unknown cuda check {check!r}")
+    return [_finding(rule, "CUDA", **values)] if failed else [_ok(rule, f"{check}: fine", "CUDA")]
+
+
+CHECKERS: dict[str, Callable[[Rule, Report], list[Finding]]] = {
+    "requires": _requires,
+    "conflict": _conflict,
+    "gpu_capability": _gpu_capability,
+    "cpu": _cpu,
+    "cuda": _cuda,
 }
+_KEYS = {"requires": ("when", "need"), "conflict": ("packages",), "gpu_capability": ("min",),
+         "cpu": ("check",), "cuda": ("check",)}  # fmt: skip
+
+
+def load_rules(path: str | Path | None = None) -> list[dict[str, Any]]:
+    """The rules (default: labhelpers/data/compat_rules.json), checked: a malformed rule
+    raises ValueError naming its id."""
+    rules = json.loads(Path(path or RULES_FILE).read_text(encoding="utf-8"))["rules"]
+    for rule in rules:
+        kind = rule.get("kind")
+        keys = ("id", "kind", "level", "message", "fix", *_KEYS.get(kind, ()))
+        missing = [k for k in keys if k not in rule]
+        if kind not in CHECKERS or missing or rule["level"] not in LEVELS[1:]:
+            raise ValueError(
+                f"compat rule {rule.get('id')!r}: kind {kind!r} (known: {', '.join(CHECKERS)}), "
+                f"level {rule.get('level')!r} (info/warn/error), missing keys {missing}"
+            )
+        for cond in [*rule.get("when", []), *rule.get("need", []), *rule.get("packages", [])]:
+            SpecifierSet(cond.get("spec", ""))  # raises InvalidSpecifier (a ValueError)
+    return rules
 
 
 def check_compat(
-    report: EnvReport,
-    rules: Iterable[Mapping[str, Any]] | None = None,
-    *,
-    include_ok: bool = False,
+    report: Report, rules: Iterable[Rule] | None = None, *, include_ok: bool = False
 ) -> list[Finding]:
-    """Evaluate the compatibility rules against a report, worst findings first.
-    Used by notebook 00_env_check.
-
-    ``rules``: rule dicts (default: labhelpers/data/compat_rules.json); a rule of unknown
-    kind raises ValueError naming its id. Rules that do not apply (trigger packages absent,
-    no GPU, CPU facts unknown) produce nothing; applicable rules that pass produce 'ok'
-    findings only when ``include_ok`` is true.
-    """
-    rule_list = load_rules() if rules is None else list(rules)
-    for rule in rule_list:
-        validate_rule(rule)
-    findings = [f for rule in rule_list for f in _CHECKERS[rule["kind"]](rule, report)]
+    """Evaluate the rules against a report, worst first. Rules that do not apply (their
+    packages absent, no GPU, facts unknown) say nothing; passing ones only with ``include_ok``."""
+    findings = [f for rule in (rules or load_rules()) for f in CHECKERS[rule["kind"]](rule, report)]
     if not include_ok:
         findings = [f for f in findings if f.level != "ok"]
     return sorted(findings, key=lambda f: -LEVELS.index(f.level))

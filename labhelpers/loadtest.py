@@ -1,49 +1,27 @@
-"""Load test an OpenAI-compatible server: concurrent streamed chat requests, swept over
-concurrency levels, summarized as throughput and latency percentiles.
+"""Load test an OpenAI-compatible server on this machine: concurrent streamed chat requests,
+swept over concurrency levels, summarized as throughput and latency percentiles.
 
-Used by notebook 05_vllm_serving (and 04_tensorrt_llm for ``trtllm-serve``). Each level
-runs ``requests`` chat completions through the ``openai`` async client with at most
-``concurrency`` in flight (a closed loop: a new request starts when one finishes). Per
-level it reports aggregate output tokens/s, time to first token (TTFT) and end-to-end
-latency at p50/p95, and errors.
-
-Bounded by design: a level stops *starting* requests after ``level_budget_s`` seconds,
-every request has a timeout, the request count per level is capped, and only loopback
-addresses (127.0.0.0/8, ::1, localhost) may be targeted.
-
-The arithmetic (:func:`percentile`, :func:`summarize`) is plain Python and unit-tested;
-pandas, matplotlib and openai are imported inside the functions that use them.
+Used by notebooks 05 and 06 (vLLM) and 07 (llama.cpp's server). Each level sends ``requests``
+chat completions through ``openai.AsyncOpenAI`` with at most ``concurrency`` in flight (a new
+request starts when one finishes) and reports aggregate output tokens/s, TTFT and end-to-end
+latency at p50/p95, and errors. Bounded by design: only loopback addresses, a time budget per
+level, a timeout per request. For real benchmarks of a vLLM server use ``vllm bench serve``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import ipaddress
-import math
 import threading
 import time
 import urllib.parse
-from collections.abc import Callable, Coroutine, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, TypeVar
+from typing import Any
 
-__all__ = [
-    "DEFAULT_PROMPTS",
-    "LevelResult",
-    "RequestRecord",
-    "check_loopback",
-    "percentile",
-    "plot_sweep",
-    "run_level",
-    "summarize",
-    "sweep",
-    "to_frame",
-]
+from labhelpers.measure import stream_piece
 
-MAX_REQUESTS_PER_LEVEL = 256
-MAX_CONCURRENCY = 64
-
-DEFAULT_PROMPTS: tuple[str, ...] = (
+DEFAULT_PROMPTS = (
     "Explain what a KV cache is in two sentences.",
     "Write a short poem about the sea.",
     "List three uses of a hash table.",
@@ -54,65 +32,37 @@ DEFAULT_PROMPTS: tuple[str, ...] = (
     "Summarize the plot of a detective story you invent.",
 )
 
-T = TypeVar("T")
-Clock = Callable[[], float]
-
-
-# --------------------------------------------------------------------------------------
-# Records and arithmetic
-# --------------------------------------------------------------------------------------
-
 
 @dataclass
 class RequestRecord:
-    """One request of a load test. Times are seconds on the level's clock.
-
-    ``first_token_s`` is when the first chunk carrying text arrived (None if none did);
-    ``completion_tokens`` comes from the server's usage report (else the number of text
-    chunks); ``error`` holds ``"ExceptionType: message"`` for a failed request."""
+    """One request: times in seconds on the level's clock; ``first_token_s`` when the first
+    text arrived; ``completion_tokens`` from the usage report (else text chunks)."""
 
     start_s: float
     end_s: float
     first_token_s: float | None = None
     completion_tokens: int = 0
-    prompt_tokens: int | None = None
     error: str | None = None
-
-    @property
-    def ok(self) -> bool:
-        return self.error is None
-
-    @property
-    def ttft_s(self) -> float | None:
-        return None if self.first_token_s is None else self.first_token_s - self.start_s
-
-    @property
-    def e2e_s(self) -> float:
-        return self.end_s - self.start_s
 
 
 def percentile(values: Sequence[float], q: float) -> float | None:
-    """The ``q``-th percentile (0-100) with linear interpolation between the closest
-    ranks (numpy's default method); None for no values."""
+    """The ``q``-th percentile (0-100), linear between closest ranks (numpy's default)."""
     if not 0 <= q <= 100:
         raise ValueError("q must be between 0 and 100")
     data = sorted(values)
     if not data:
         return None
     pos = (len(data) - 1) * q / 100
-    low = math.floor(pos)
+    low = int(pos)
     high = min(low + 1, len(data) - 1)
     return data[low] + (data[high] - data[low]) * (pos - low)
 
 
 @dataclass
 class LevelResult:
-    """Summary of one concurrency level (notebooks 04, 05).
-
-    ``aggregate_tokens_per_s``: output tokens of successful requests divided by the
-    level's wall time (first request sent to last answer received) — what the server
-    delivered to all clients together. ``per_request_tokens_per_s_p50``: median of each
-    request's own ``completion_tokens / e2e_s`` — what one user sees."""
+    """One concurrency level. ``aggregate_tokens_per_s``: output tokens of the successful
+    requests / the level's wall time, what the server delivered to everyone together;
+    ``per_request_tokens_per_s_p50``: what one user sees."""
 
     concurrency: int
     requests: int
@@ -126,171 +76,85 @@ class LevelResult:
     ttft_p95_s: float | None
     e2e_p50_s: float | None
     e2e_p95_s: float | None
-    error_samples: list[str] = field(default_factory=list)
+    first_error: str | None = None
     records: list[RequestRecord] = field(default_factory=list, repr=False)
 
     def as_row(self) -> dict[str, Any]:
-        """Flat dict for a table (records left out, first error kept)."""
-        row = {k: v for k, v in asdict(self).items() if k not in ("records", "error_samples")}
-        row["first_error"] = self.error_samples[0] if self.error_samples else None
-        return row
+        return {k: v for k, v in asdict(self).items() if k != "records"}
 
 
 def summarize(
     concurrency: int, records: Sequence[RequestRecord], wall_s: float | None = None
 ) -> LevelResult:
-    """Aggregate one level's records. ``wall_s`` defaults to last end minus first start."""
+    """Aggregate one level's records (``wall_s``: default last end minus first start)."""
     if wall_s is None:
         wall_s = max(r.end_s for r in records) - min(r.start_s for r in records) if records else 0.0
-    good = [r for r in records if r.ok]
+    good = [r for r in records if r.error is None]
     tokens = sum(r.completion_tokens for r in good)
-    ttfts = [r.ttft_s for r in good if r.ttft_s is not None]
-    e2es = [r.e2e_s for r in good]
-    per_request = [r.completion_tokens / r.e2e_s for r in good if r.e2e_s > 0]
+    ttfts = [r.first_token_s - r.start_s for r in good if r.first_token_s is not None]
+    e2es = [r.end_s - r.start_s for r in good]
+    per_request = [r.completion_tokens / (r.end_s - r.start_s) for r in good if r.end_s > r.start_s]
     errors = [r.error for r in records if r.error is not None]
     return LevelResult(
-        concurrency=concurrency,
-        requests=len(records),
-        ok=len(good),
-        errors=len(errors),
-        wall_s=wall_s,
-        output_tokens=tokens,
-        aggregate_tokens_per_s=tokens / wall_s if wall_s > 0 and good else None,
-        per_request_tokens_per_s_p50=percentile(per_request, 50),
-        ttft_p50_s=percentile(ttfts, 50),
-        ttft_p95_s=percentile(ttfts, 95),
-        e2e_p50_s=percentile(e2es, 50),
-        e2e_p95_s=percentile(e2es, 95),
-        error_samples=list(dict.fromkeys(errors))[:3],
-        records=list(records),
-    )
-
-
-# --------------------------------------------------------------------------------------
-# Running requests
-# --------------------------------------------------------------------------------------
+        concurrency, len(records), len(good), len(errors), wall_s, tokens,
+        tokens / wall_s if wall_s > 0 and good else None, percentile(per_request, 50),
+        percentile(ttfts, 50), percentile(ttfts, 95), percentile(e2es, 50), percentile(e2es, 95),
+        errors[0] if errors else None, list(records),
+    )  # fmt: skip
 
 
 def check_loopback(base_url: str) -> None:
-    """Raise ValueError unless ``base_url`` points at this machine (load tests never
-    target other hosts)."""
+    """Raise ValueError unless ``base_url`` points at this machine: a load test against
+    someone else's server is an attack."""
     host = urllib.parse.urlsplit(base_url).hostname or ""
-    if host == "localhost":
-        return
     try:
-        if ipaddress.ip_address(host).is_loopback:
-            return
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
     except ValueError:
-        pass
-    raise ValueError(
-        f"load tests only target loopback addresses (127.0.0.1, ::1, localhost), not "
-        f"{host!r}: a load test against someone else's server is an attack"
-    )
-
-
-async def _one_request(
-    client: Any,
-    model: str,
-    messages: list[dict[str, Any]],
-    max_tokens: int,
-    clock: Clock,
-    create_kwargs: Mapping[str, Any],
-) -> RequestRecord:
-    start = clock()
-    first: float | None = None
-    chunks = 0
-    usage_tokens: int | None = None
-    prompt_tokens: int | None = None
-    try:
-        stream = await client.chat.completions.create(
-            model=model,
-            messages=messages,
-            max_tokens=max_tokens,
-            stream=True,
-            stream_options={"include_usage": True},
-            **create_kwargs,
+        loopback = False
+    if not loopback:
+        raise ValueError(
+            f"load tests only target loopback addresses (127.0.0.1, ::1, localhost), not {host!r}"
         )
-        async for chunk in stream:
-            usage = getattr(chunk, "usage", None)
-            if usage is not None:
-                usage_tokens = getattr(usage, "completion_tokens", usage_tokens)
-                prompt_tokens = getattr(usage, "prompt_tokens", prompt_tokens)
-            for choice in getattr(chunk, "choices", None) or []:
-                delta = getattr(choice, "delta", None)
-                text = (getattr(delta, "content", None) or "") or (
-                    getattr(delta, "reasoning_content", None) or getattr(delta, "reasoning", None)
-                )
-                if text:
+
+
+async def run_level(client: Any, model: str, concurrency: int, requests: int, *,
+                    prompts: Sequence[str] = DEFAULT_PROMPTS, max_tokens: int = 64,
+                    level_budget_s: float = 60, **create_kwargs: Any) -> LevelResult:  # fmt: skip
+    """``requests`` streamed chat requests, ``concurrency`` at a time, through an
+    ``openai.AsyncOpenAI`` client; none starts after ``level_budget_s``. Prompt i is
+    ``prompts[i % len(prompts)]``; ``create_kwargs`` go to every request."""
+    if not 1 <= concurrency <= 64 or not 1 <= requests <= 256 or not prompts:
+        raise ValueError("need 1 <= concurrency <= 64, 1 <= requests <= 256 and some prompts")
+    t0, next_index, records = time.perf_counter(), 0, []
+
+    async def one(prompt: str) -> RequestRecord:
+        start, first, chunks, usage = time.perf_counter() - t0, None, 0, None
+        try:
+            stream = await client.chat.completions.create(
+                model=model, messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens,
+                stream=True, stream_options={"include_usage": True}, **create_kwargs,
+            )  # fmt: skip
+            async for chunk in stream:
+                _text, generated, chunk_usage, _finish = stream_piece(chunk)
+                usage = chunk_usage or usage
+                if generated:
                     chunks += 1
-                    if first is None:
-                        first = clock()
-    except Exception as exc:  # any failure is a data point of the load test
-        return RequestRecord(start, clock(), first, 0, None, f"{type(exc).__name__}: {exc}")
-    tokens = usage_tokens if usage_tokens is not None else chunks
-    return RequestRecord(start, clock(), first, tokens, prompt_tokens)
-
-
-async def run_level(
-    client: Any,
-    model: str,
-    concurrency: int,
-    requests: int,
-    *,
-    prompts: Sequence[str] = DEFAULT_PROMPTS,
-    max_tokens: int = 64,
-    level_budget_s: float = 60,
-    clock: Clock = time.perf_counter,
-    **create_kwargs: Any,
-) -> LevelResult:
-    """Send ``requests`` streamed chat requests, ``concurrency`` at a time, through an
-    ``openai.AsyncOpenAI`` ``client``; no new request starts after ``level_budget_s``.
-    Prompt i is ``prompts[i % len(prompts)]``; ``create_kwargs`` go to
-    ``chat.completions.create`` (e.g. ``temperature=0``, ``extra_body=...``)."""
-    if not 1 <= concurrency <= MAX_CONCURRENCY:
-        raise ValueError(f"concurrency must be between 1 and {MAX_CONCURRENCY}")
-    if not 1 <= requests <= MAX_REQUESTS_PER_LEVEL:
-        raise ValueError(f"requests must be between 1 and {MAX_REQUESTS_PER_LEVEL}")
-    if not prompts:
-        raise ValueError("prompts is empty")
-    next_index = 0
-    records: list[RequestRecord] = []
-    t0 = clock()
+                    first = first if first is not None else time.perf_counter() - t0
+        except Exception as exc:  # a failed request is a data point of the load test
+            return RequestRecord(
+                start, time.perf_counter() - t0, first, 0, f"{type(exc).__name__}: {exc}"
+            )
+        tokens = usage.completion_tokens if usage is not None else chunks
+        return RequestRecord(start, time.perf_counter() - t0, first, tokens)
 
     async def worker() -> None:
         nonlocal next_index
-        while next_index < requests and clock() - t0 < level_budget_s:
-            i = next_index
+        while next_index < requests and time.perf_counter() - t0 < level_budget_s:
             next_index += 1
-            messages = [{"role": "user", "content": prompts[i % len(prompts)]}]
-            records.append(
-                await _one_request(client, model, messages, max_tokens, clock, create_kwargs)
-            )
+            records.append(await one(prompts[(next_index - 1) % len(prompts)]))
 
     await asyncio.gather(*(worker() for _ in range(concurrency)))
-    return summarize(concurrency, records, clock() - t0)
-
-
-def _run_async(make: Callable[[], Coroutine[Any, Any, T]]) -> T:
-    """Run a coroutine to completion from sync code, also inside Jupyter (whose event loop
-    is already running in this thread): then it runs on a fresh loop in a helper thread."""
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return asyncio.run(make())
-    box: dict[str, Any] = {}
-
-    def target() -> None:
-        try:
-            box["value"] = asyncio.run(make())
-        except BaseException as exc:
-            box["error"] = exc
-
-    thread = threading.Thread(target=target, name="loadtest")
-    thread.start()
-    thread.join()
-    if "error" in box:
-        raise box["error"]
-    return box["value"]
+    return summarize(concurrency, records, time.perf_counter() - t0)
 
 
 def sweep(
@@ -305,137 +169,125 @@ def sweep(
     warmup_requests: int = 1,
     level_budget_s: float = 60,
     request_timeout_s: float = 120,
-    log: Callable[[str], None] | None = print,
+    log: Callable[[str], Any] | None = print,
     **create_kwargs: Any,
 ) -> list[LevelResult]:
-    """Run :func:`run_level` for each concurrency (notebooks 04, 05) against the server
-    at ``base_url`` (its ``/v1`` URL, e.g. ``server.openai_base_url``; loopback only).
-
-    ``requests_per_level``: a number, or a function of the concurrency (default 2x, so
-    every slot serves at least two requests). ``warmup_requests`` untimed requests go
-    first. ``create_kwargs`` go to every request: ``temperature=0`` and, for vLLM,
-    ``extra_body={"ignore_eos": True}`` make every answer exactly ``max_tokens`` long.
-    Prints one line per level unless ``log`` is None."""
+    """:func:`run_level` at each concurrency against ``base_url`` (the ``/v1`` URL of a
+    loopback server). ``requests_per_level``: a number or a function of the concurrency
+    (default 2x). ``temperature=0`` and, for vLLM, ``extra_body={"ignore_eos": True}`` in
+    ``create_kwargs`` make every answer exactly ``max_tokens`` long. Works inside Jupyter
+    (its event loop is already running there: the sweep then runs in a helper thread)."""
     check_loopback(base_url)
-    levels = [int(c) for c in concurrencies]
-    if not levels:
-        raise ValueError("concurrencies is empty")
-
-    def count(c: int) -> int:
-        n = requests_per_level(c) if callable(requests_per_level) else requests_per_level
-        return int(n)
+    count = requests_per_level if callable(requests_per_level) else (lambda _c: requests_per_level)
+    kw: Mapping[str, Any] = dict(
+        prompts=prompts, max_tokens=max_tokens, level_budget_s=level_budget_s, **create_kwargs
+    )
 
     async def main() -> list[LevelResult]:
         from openai import AsyncOpenAI
 
-        results = []
         async with AsyncOpenAI(
             base_url=base_url, api_key=api_key, timeout=request_timeout_s, max_retries=0
         ) as client:
             if warmup_requests:
-                await run_level(
-                    client,
-                    model,
-                    1,
-                    warmup_requests,
-                    prompts=prompts,
-                    max_tokens=max_tokens,
-                    level_budget_s=level_budget_s,
-                    **create_kwargs,
-                )
-            for c in levels:
-                result = await run_level(
-                    client,
-                    model,
-                    c,
-                    count(c),
-                    prompts=prompts,
-                    max_tokens=max_tokens,
-                    level_budget_s=level_budget_s,
-                    **create_kwargs,
-                )
+                await run_level(client, model, 1, warmup_requests, **kw)
+            results = []
+            for c in concurrencies:
+                results.append(level := await run_level(client, model, int(c), int(count(c)), **kw))
                 if log is not None:
-                    log(_level_line(result))
-                results.append(result)
-        return results
+                    log(_line(level))
+            return results
 
-    return _run_async(main)
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(main())
+    box: dict[str, Any] = {}
+
+    def in_thread() -> None:
+        try:
+            box["result"] = asyncio.run(main())
+        except BaseException as exc:  # handed to the caller below
+            box["error"] = exc
+
+    thread = threading.Thread(target=in_thread)
+    thread.start()
+    thread.join()
+    if "error" in box:
+        raise box["error"]
+    return box["result"]
 
 
-def _fmt(value: float | None, spec: str) -> str:
-    return "n/a" if value is None else format(value, spec)
+def _line(r: LevelResult) -> str:
+    def fmt(value: float | None, spec: str) -> str:
+        return "n/a" if value is None else format(value, spec)
 
-
-def _level_line(r: LevelResult) -> str:
-    return (
-        f"concurrency {r.concurrency:>3}: {r.ok}/{r.requests} ok, "
-        f"{_fmt(r.aggregate_tokens_per_s, '.1f')} tok/s aggregate, "
-        f"TTFT p50 {_fmt(r.ttft_p50_s, '.2f')} s, e2e p50 {_fmt(r.e2e_p50_s, '.2f')} s"
-        + (f", {r.errors} error(s): {r.error_samples[0]}" if r.errors else "")
-    )
-
-
-# --------------------------------------------------------------------------------------
-# Tables and charts
-# --------------------------------------------------------------------------------------
+    return (f"concurrency {r.concurrency:>3}: {r.ok}/{r.requests} ok, "
+            f"{fmt(r.aggregate_tokens_per_s, '.1f')} tok/s aggregate, TTFT p50 "
+            f"{fmt(r.ttft_p50_s, '.2f')} s, e2e p50 {fmt(r.e2e_p50_s, '.2f')} s"
+            + (f", {r.errors} error(s): {r.first_error}" if r.errors else ""))  # fmt: skip
 
 
 def to_frame(levels: Sequence[LevelResult], **columns: Any) -> Any:
-    """A pandas DataFrame, one row per level; ``columns`` are added as constant columns
-    (e.g. ``model="GPTQ-Int4"``) so several sweeps can be concatenated."""
+    """A pandas DataFrame, one row per level; ``columns`` become constant columns
+    (``model="GPTQ-Int4"``) so several sweeps can be concatenated."""
     import pandas as pd
 
-    df = pd.DataFrame([lvl.as_row() for lvl in levels])
-    for name, value in columns.items():
-        df[name] = value
-    return df
+    return pd.DataFrame([lvl.as_row() | columns for lvl in levels])
 
 
-def plot_sweep(
-    df: Any,
-    *,
-    by: str | None = None,
-    baselines: Mapping[str, float] | None = None,
-    title: str | None = None,
-) -> Any:
-    """Three panels against concurrency: aggregate tokens/s, TTFT p50/p95, end-to-end
-    latency p50/p95 (notebooks 04, 05). ``df``: :func:`to_frame` output or a list of
-    :class:`LevelResult`; ``by``: a column whose values get one line each (e.g. "model");
-    ``baselines``: horizontal dotted lines on the throughput panel, label -> tokens/s; a
-    label containing a group's name is drawn in that group's color. Returns the Figure."""
+def plot_sweep(df: Any, *, by: str | None = None, baselines: Mapping[str, float] | None = None,
+               title: str | None = None) -> Any:  # fmt: skip
+    """Aggregate tokens/s, TTFT p50/p95 and end-to-end latency p50/p95 against concurrency,
+    one line per value of column ``by``; ``baselines``: dotted lines (label -> tokens/s) on the
+    throughput panel, in the color of the group whose name the label contains."""
     import matplotlib.pyplot as plt
     import pandas as pd
 
-    if not isinstance(df, pd.DataFrame):
-        df = to_frame(df)
-    groups = list(df.groupby(by, sort=False)) if by else [(None, df)]
+    df = df if isinstance(df, pd.DataFrame) else to_frame(df)
+    groups = list(df.groupby(by, sort=False)) if by else [("", df)]
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    colors = {}
     for i, (name, part) in enumerate(groups):
-        color = f"C{i}"
-        part = part.sort_values("concurrency")
-        label = "" if name is None else f"{name} "
-        x = part["concurrency"]
-        axes[0].plot(x, part["aggregate_tokens_per_s"], "o-", color=color, label=label or None)
+        colors[str(name)], part = f"C{i}", part.sort_values("concurrency")
+        label = f"{name} " if name else ""
+        axes[0].plot(
+            part["concurrency"],
+            part["aggregate_tokens_per_s"],
+            "o-",
+            color=f"C{i}",
+            label=label or None,
+        )
         for ax, metric in ((axes[1], "ttft"), (axes[2], "e2e")):
-            ax.plot(x, part[f"{metric}_p50_s"], "o-", color=color, label=f"{label}p50")
-            ax.plot(x, part[f"{metric}_p95_s"], "s--", color=color, alpha=0.6, label=f"{label}p95")
-    colors = {str(name): f"C{i}" for i, (name, _part) in enumerate(groups) if name is not None}
+            ax.plot(
+                part["concurrency"],
+                part[f"{metric}_p50_s"],
+                "o-",
+                color=f"C{i}",
+                label=f"{label}p50",
+            )
+            ax.plot(
+                part["concurrency"],
+                part[f"{metric}_p95_s"],
+                "s--",
+                color=f"C{i}",
+                alpha=0.6,
+                label=f"{label}p95",
+            )
     for j, (name, value) in enumerate((baselines or {}).items()):
-        # a baseline labelled with a group's name (e.g. "transformers (GPTQ-Int4)") takes its color
-        color = next((c for g, c in colors.items() if g in name), f"C{len(groups) + j}")
+        color = next((c for g, c in colors.items() if g and g in name), f"C{len(groups) + j}")
         axes[0].axhline(value, color=color, linestyle=":", label=name)
+    levels = sorted(df["concurrency"].unique())
     titles = (
         "aggregate output tokens/s (higher is better)",
         "time to first token, s (lower is better)",
         "end-to-end latency, s (lower is better)",
     )
-    levels = sorted(df["concurrency"].unique())
     for ax, text in zip(axes, titles, strict=True):
         ax.set_title(text, fontsize=10)
-        ax.set_xlabel("concurrent requests")
+        ax.set(xlabel="concurrent requests", ylim=(0, None))
         ax.set_xscale("log", base=2)
         ax.set_xticks(levels, [str(c) for c in levels])
-        ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)

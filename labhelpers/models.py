@@ -1,53 +1,44 @@
-"""The course's models: a registry kept as data, and ``resolve(name)`` -> a local folder.
+"""The course's models: a registry kept as data, ``resolve(name)`` -> a local folder, and what a
+folder holds (its tensors from the safetensors headers, its architecture from config.json).
 
-Resolution order, printed as it goes so a student sees what was chosen and why:
-
-1. an explicit local path (checked: config, weights complete, tokenizer);
-2. an offline stand-in by name (``standin``, ``standin-gptq-int4``), built if missing;
-3. local caches: the course cache, ModelScope's cache (which rewrites ``.`` in folder
-   names as ``___``, e.g. ``Qwen2___5-7B-Instruct``), the Hugging Face cache;
-4. a download, ModelScope ``snapshot_download`` first, then ``huggingface_hub``
-   (which honours ``HF_ENDPOINT``, e.g. a mirror), into a temporary folder renamed into
-   place only when complete; network probes time out in seconds;
-5. the model's offline stand-in, when nothing could be fetched.
-
-The registry is ``labhelpers/data/models.json``: edit it to add models. Used by every
-notebook's parameters cell (``MODEL_DIR = models.resolve(MODEL)``) and by notebook 00.
+``resolve`` prints what it chose and why: a local path (checked); an offline stand-in by name;
+a complete copy in the course cache, ModelScope's cache or the Hugging Face cache; a download
+(ModelScope first, then Hugging Face honouring ``HF_ENDPOINT``; both resume an interrupted
+download); else the model's offline stand-in — on a CPU machine only: on a GPU machine a
+missing real model is an error unless ``QWEN_LAB_OFFLINE=1`` accepts the stand-in.
+Registry: ``labhelpers/data/models.json``; the stand-ins are built by ``tools/standin.py``.
+Used by every notebook's first cells, by 00 (registry, caches) and 02/03/04/06 (shapes).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import json
 import os
-import shutil
 import socket
-import struct
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from labhelpers.atomic import atomic_dir
-from labhelpers.paths import models_dir
+from labhelpers.files import GB, dir_size_bytes, models_dir
+from labhelpers.machine import check_disk, check_ram, gpu_available
 
-GB = 1024**3
-OFFLINE_ENV = "QWEN_LAB_OFFLINE"
-HUB_ORDER_ENV = "QWEN_LAB_HUB_ORDER"
-PROBE_TIMEOUT_S = 3.0
-MODELSCOPE_HOST = "www.modelscope.cn"
-# Rough run-time memory: weights as on disk x 1.2, plus 0.5 GB for the runtime.
-# The KV cache comes on top and grows with batch x context (see notebook 04's sizing).
-MEMORY_FACTOR = 1.2
-RUNTIME_OVERHEAD_GB = 0.5
-
+DATA = Path(__file__).resolve().parent / "data"
+STANDIN, STANDIN_GPTQ = "standin", "standin-gptq-int4"
+STANDIN_STAMP = "COURSE_BUILD.json"
+STANDIN_RECIPE = 1  # bump when tools/standin.py changes: set-up rebuilds the stand-ins
+# Rough run-time memory: weights as on disk x 1.2 + 0.5 GB; the KV cache comes on top.
+MEMORY_FACTOR, RUNTIME_OVERHEAD_GB = 1.2, 0.5
+DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
+               "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}  # fmt: skip
 Log = Callable[[str], Any]
 
 
 class ModelError(RuntimeError):
-    """Base class: a model could not be made available. The message says what to do."""
+    """A model could not be made available. The message says what to do."""
 
 
 class ModelNotFoundError(ModelError):
@@ -55,16 +46,12 @@ class ModelNotFoundError(ModelError):
 
 
 class ModelDirError(ModelError):
-    """A model folder that is incomplete or corrupt (e.g. a half-finished download)."""
-
-
-class NotEnoughResourcesError(ModelError):
-    """Too little RAM, GPU memory or disk for the chosen model."""
+    """An incomplete or corrupt model folder (e.g. an interrupted download)."""
 
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """One entry of the registry (see ``labhelpers/data/models.json``)."""
+    """One entry of ``labhelpers/data/models.json``."""
 
     name: str
     params_b: float
@@ -82,265 +69,331 @@ class ModelSpec:
         return self.builder is not None
 
     def memory_needed_gb(self) -> float:
-        """Rough memory to load and run it (weights x 1.2 + 0.5 GB; KV cache extra)."""
+        """Rough memory to load and run it: weights x 1.2 + 0.5 GB (KV cache extra)."""
         return self.size_gb * MEMORY_FACTOR + RUNTIME_OVERHEAD_GB
 
 
 def registry() -> dict[str, ModelSpec]:
-    """All models the course knows, by name."""
-    raw = json.loads(
-        resources.files("labhelpers").joinpath("data/models.json").read_text(encoding="utf-8")
-    )
+    """Every model the course knows, by name."""
+    raw = json.loads((DATA / "models.json").read_text(encoding="utf-8"))
     return {name: ModelSpec(name=name, **fields) for name, fields in raw.items() if name[0] != "_"}
 
 
 def lookup(name: str) -> ModelSpec | None:
-    """Find a registry entry by course name or by hub id (``Qwen/...``), case-insensitively."""
+    """A registry entry by course name or hub id (``Qwen/...``), case-insensitively."""
     lowered = name.lower()
     for spec in registry().values():
-        ids = (spec.name, spec.hf_id or "", spec.modelscope_id or "")
-        if lowered in (i.lower() for i in ids if i):
+        if lowered in {i.lower() for i in (spec.name, spec.hf_id, spec.modelscope_id) if i}:
             return spec
     return None
 
 
-def modelscope_folder_name(model_id: str) -> str:
-    """ModelScope stores ``Qwen/Qwen2.5-7B-Instruct`` as ``Qwen/Qwen2___5-7B-Instruct``."""
-    return model_id.replace(".", "___")
+# --------------------------------------------------------------------------- folders
 
 
-# --------------------------------------------------------------------------- checks
+def safetensors_tensors(model_dir: str | os.PathLike[str]) -> dict[str, tuple[str, tuple, int]]:
+    """``name -> (dtype, shape, bytes)`` for every tensor of a folder's ``*.safetensors``
+    files, read from their headers (no weights are loaded)."""
+    from safetensors import safe_open
 
-
-def validate_model_dir(path: str | os.PathLike[str]) -> Path:
-    """Check that ``path`` holds a complete transformers model; return it resolved.
-
-    Checks ``config.json`` (parses, has ``model_type``), weight files (safetensors headers
-    readable and files as long as their headers say; every shard listed in an index
-    present) and a tokenizer. Raises :class:`ModelDirError` naming the problem and fix.
-    """
-    path = Path(path).expanduser()
-    if not path.exists():
-        raise ModelNotFoundError(
-            f"{path} does not exist. Check the path, or pass a model name from "
-            f"labhelpers/data/models.json (e.g. 'standin') to download or build one."
-        )
-    if not path.is_dir():
-        raise ModelDirError(f"{path} is a file; give the folder that holds config.json.")
-    redo = (
-        "It looks like an interrupted download or copy: delete the folder and resolve the "
-        "model again (it will be downloaded or rebuilt)."
-    )
-    config_file = path / "config.json"
-    if not config_file.is_file():
-        raise ModelDirError(f"{path} has no config.json, so it is not a model folder. {redo}")
-    try:
-        config = json.loads(config_file.read_text())
-    except ValueError as exc:
-        raise ModelDirError(f"{config_file} is not valid JSON ({exc}). {redo}") from exc
-    if "model_type" not in config:
-        raise ModelDirError(f"{config_file} has no 'model_type'. {redo}")
-    _check_weights(path, redo)
-    if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
-        raise ModelDirError(f"{path} has no tokenizer files (tokenizer.json). {redo}")
-    return path.resolve()
-
-
-def _check_weights(path: Path, redo: str) -> None:
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (ValueError, KeyError) as exc:
-            raise ModelDirError(f"{index} is unreadable ({exc}). {redo}") from exc
-        missing = [s for s in shards if not (path / s).is_file()]
-        if missing:
-            raise ModelDirError(
-                f"{path} is missing {len(missing)} of {len(shards)} weight shards "
-                f"(first: {missing[0]}). {redo}"
-            )
-        files = [path / s for s in shards]
-    else:
-        files = sorted(path.glob("*.safetensors"))
-    if not files:
-        if any(path.glob("pytorch_model*.bin")):
-            return
-        raise ModelDirError(f"{path} has no weight files (*.safetensors). {redo}")
-    for file in files:
-        _check_safetensors(file, redo)
-
-
-@dataclass(frozen=True)
-class TensorInfo:
-    """One tensor as a safetensors header describes it (no data is read)."""
-
-    dtype: str
-    shape: tuple[int, ...]
-    nbytes: int
-
-    @property
-    def numel(self) -> int:
-        count = 1
-        for dim in self.shape:
-            count *= dim
-        return count
-
-
-def read_safetensors_header(file: str | os.PathLike[str]) -> tuple[int, dict[str, Any]]:
-    """``(header length, header dict)`` of one ``.safetensors`` file; ValueError when the file
-    is not one. Reads only the first bytes of the file."""
-    file = Path(file)
-    size = file.stat().st_size
-    try:
-        with file.open("rb") as fh:
-            (header_len,) = struct.unpack("<Q", fh.read(8))
-            if header_len > size - 8:
-                raise ValueError("header longer than file")
-            header = json.loads(fh.read(header_len))
-    except struct.error as exc:
-        raise ValueError(str(exc)) from exc
-    return header_len, header
-
-
-def safetensors_tensors(model_dir: str | os.PathLike[str]) -> dict[str, TensorInfo]:
-    """Every tensor of a model folder's ``*.safetensors`` files, from their headers only
-    (notebooks 03 and 06: parameter counts and bytes streamed per token)."""
     files = sorted(Path(model_dir).glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"{model_dir} has no *.safetensors weights")
     tensors = {}
     for file in files:
-        for name, meta in read_safetensors_header(file)[1].items():
-            if name != "__metadata__":
-                begin, end = meta["data_offsets"]
-                tensors[name] = TensorInfo(meta["dtype"], tuple(meta["shape"]), end - begin)
+        with safe_open(file, framework="numpy") as fh:
+            for name in fh.keys():
+                part = fh.get_slice(name)
+                shape, dtype = tuple(part.get_shape()), part.get_dtype()
+                numel = 1
+                for dim in shape:
+                    numel *= dim
+                tensors[name] = (dtype, shape, numel * DTYPE_BYTES.get(dtype, 1))
     return tensors
 
 
-def _check_safetensors(file: Path, redo: str) -> None:
-    size = file.stat().st_size
-    try:
-        header_len, header = read_safetensors_header(file)
-    except ValueError as exc:
-        raise ModelDirError(f"{file} is not a readable safetensors file ({exc}). {redo}") from exc
-    ends = [t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"]
-    expected = 8 + header_len + max(ends, default=0)
-    if size < expected:
-        raise ModelDirError(
-            f"{file} is truncated: {size:,} bytes on disk, its header says {expected:,}. {redo}"
+def count_parameters(model_dir: str | os.PathLike[str]) -> int:
+    """Weights stored in a folder's safetensors files (packed int tensors count as stored)."""
+    total = 0
+    for _dtype, shape, _nbytes in safetensors_tensors(model_dir).values():
+        numel = 1
+        for dim in shape:
+            numel *= dim
+        total += numel
+    return total
+
+
+def validate_model_dir(path: str | os.PathLike[str]) -> Path:
+    """Check that ``path`` holds a complete transformers model (config.json with a
+    model_type; every weight file readable and as long as its header says; every shard of an
+    index present; a tokenizer) and return it resolved; else :class:`ModelDirError`."""
+    from safetensors import safe_open
+
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise ModelNotFoundError(
+            f"{path} does not exist. Check the path, or pass a model name from "
+            "labhelpers/data/models.json (e.g. 'standin')."
         )
+    redo = (
+        "It looks like an interrupted download or copy: resolve the model again (downloads "
+        "resume) or delete the folder."
+    )
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise ModelDirError(f"{path} has no readable config.json ({exc}). {redo}") from exc
+    if "model_type" not in config:
+        raise ModelDirError(f"{path}/config.json has no 'model_type'. {redo}")
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        missing = [s for s in shards if not (path / s).is_file()]
+        if missing:
+            raise ModelDirError(f"{path} lacks {len(missing)} of {len(shards)} shards. {redo}")
+    files = sorted(path.glob("*.safetensors"))
+    if not files and not any(path.glob("pytorch_model*.bin")):
+        raise ModelDirError(f"{path} has no weight files (*.safetensors). {redo}")
+    for file in files:
+        try:
+            with safe_open(file, framework="numpy"):
+                pass
+        except Exception as exc:  # SafetensorError: truncated, not a safetensors file
+            raise ModelDirError(f"{file} is unreadable ({exc}). {redo}") from exc
+    if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+        raise ModelDirError(f"{path} has no tokenizer files (tokenizer.json). {redo}")
+    return path.resolve()
 
 
-def dir_size_gb(path: str | os.PathLike[str]) -> float:
-    """Size of a folder's files in GB (follows the links a hub cache uses)."""
-    from labhelpers.bench import dir_size_bytes
-
-    return dir_size_bytes(path) / GB
-
-
-def available_ram_gb() -> float:
-    """Memory available to a new allocation now (MemAvailable), in GB."""
-    from labhelpers.env import memory_bytes
-
-    available = memory_bytes()[1]
-    if available is None:
-        raise RuntimeError("cannot read available memory (no psutil, no /proc/meminfo)")
-    return available / GB
-
-
-def check_fits_in_ram(
-    model: str | os.PathLike[str] | ModelSpec,
-    *,
-    available_gb: float | None = None,
-) -> float:
-    """Estimate the RAM needed to load ``model`` (a folder or a registry entry) and raise
-    :class:`NotEnoughResourcesError` before loading if it will not fit. Returns the estimate.
-    """
+def check_fits_in_ram(model: str | os.PathLike[str] | ModelSpec, **kwargs: Any) -> float:
+    """Estimate the RAM to load and run ``model`` (a folder or registry entry: weights on
+    disk x 1.2 + 0.5 GB) and raise ``NotEnoughResourcesError`` before loading if it will not
+    fit. Returns the estimate in GB."""
     if isinstance(model, ModelSpec):
         need, what = model.memory_needed_gb(), model.name
     else:
-        need = dir_size_gb(model) * MEMORY_FACTOR + RUNTIME_OVERHEAD_GB
-        what = str(model)
-    have = available_ram_gb() if available_gb is None else available_gb
-    if need > have:
-        raise NotEnoughResourcesError(
-            f"{what} needs about {need:.1f} GB of RAM to load and run, but only {have:.1f} GB "
-            "is available. Close other programs or kernels, or choose a smaller model: a "
-            "GPTQ-Int4 variant, a 0.5B/1.5B Qwen, or 'standin-gptq-int4'."
+        need = dir_size_bytes(model) / GB * MEMORY_FACTOR + RUNTIME_OVERHEAD_GB
+        what = Path(model).name
+    hint = "Close other kernels, or choose a smaller model (a GPTQ-Int4 one, or 0.5B/1.5B)."
+    return check_ram(need, f"loading {what}", hint, **kwargs)
+
+
+def is_standin(path: str | os.PathLike[str]) -> bool:
+    """True for a folder built by the stand-in builder (SmolLM2 in Qwen2 form, NOT Qwen)."""
+    return (Path(path) / STANDIN_STAMP).is_file()
+
+
+def standin_dir(name: str) -> Path:
+    """Where the stand-in ``name`` lives in the course cache (built or not)."""
+    if name not in (STANDIN, STANDIN_GPTQ):
+        raise ValueError(f"unknown stand-in {name!r}; choose {STANDIN!r} or {STANDIN_GPTQ!r}")
+    return models_dir() / name
+
+
+def standin_built(name: str) -> bool:
+    """True when the stand-in exists and was completed by the current recipe."""
+    try:
+        stamp = json.loads((standin_dir(name) / STANDIN_STAMP).read_text())
+    except (OSError, ValueError):
+        return False
+    return stamp.get("recipe_version") == STANDIN_RECIPE
+
+
+# --------------------------------------------------------------------------- architecture
+
+
+def load_config(source: Any) -> dict[str, Any]:
+    """A config as a dict, from a dict, a transformers config, a model folder or its
+    config.json, or the name / hub id of a public Qwen config shipped with the course
+    (``labhelpers/data/qwen_configs.json``: ``"Qwen3-8B"``, ``"Qwen/Qwen2.5-7B-Instruct"``)."""
+    if isinstance(source, Mapping):
+        return dict(source)
+    if hasattr(source, "to_dict"):
+        return dict(source.to_dict())
+    path = Path(source).expanduser()
+    path = path / "config.json" if path.is_dir() else path
+    if path.is_file():
+        try:
+            return dict(json.loads(path.read_text(encoding="utf-8")))
+        except ValueError as exc:
+            raise ValueError(f"{path} is not a JSON object ({exc})") from None
+    shipped = shipped_configs()
+    for name, entry in shipped.items():
+        if str(source).strip().lower() in (name.lower(), entry["hf_id"].lower()):
+            return dict(entry["config"])
+    raise ValueError(
+        f"no config for {str(source)!r}: not a model folder or config.json, and not a shipped "
+        f"config ({', '.join(shipped)}). Pass the model's config.json (a path, or the dict)."
+    )
+
+
+def shipped_configs() -> dict[str, dict[str, Any]]:
+    """The public Qwen ``config.json`` copies shipped with the course, by model name."""
+    data = json.loads((DATA / "qwen_configs.json").read_text(encoding="utf-8"))
+    return {name: entry for name, entry in data.items() if not name.startswith("_")}
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The architecture numbers of a dense decoder, read once from its config (notebooks 02,
+    03, 04; the roofline). Qwen1 (``model_type: qwen``) names things differently:
+    ``kv_channels`` is the head size, ``intermediate_size`` twice each MLP projection,
+    ``seq_length`` the context, no GQA. ``intermediate_size`` here is one projection."""
+
+    name: str
+    model_type: str
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    vocab_size: int
+    tie_word_embeddings: bool
+    max_context: int
+    qkv_bias: bool
+    qk_norm: bool
+    dtype: str
+    quantization: dict[str, Any] | None = None
+
+    @classmethod
+    def from_config(cls, config: Any, name: str | None = None) -> ModelShape:
+        """From anything :func:`load_config` reads; multimodal configs via ``text_config``."""
+        cfg = load_config(config)
+        if "num_hidden_layers" not in cfg and isinstance(cfg.get("text_config"), Mapping):
+            cfg = {**cfg["text_config"], "quantization_config": cfg.get("quantization_config")}
+        if name is None and isinstance(config, (str, os.PathLike)):
+            path = Path(config)
+            name = (
+                path.name if path.is_dir() else path.parent.name if path.is_file() else str(config)
+            )
+        label = name or cfg.get("_name_or_path") or cfg.get("model_type") or "model"
+        qwen1 = cfg.get("model_type") == "qwen"
+        need = ["hidden_size", "num_attention_heads", "num_hidden_layers", "intermediate_size",
+                "vocab_size", "seq_length" if qwen1 else "max_position_embeddings"]  # fmt: skip
+        missing = [k for k in need if not isinstance(cfg.get(k), int) or cfg[k] <= 0]
+        if missing:
+            raise ValueError(
+                f"{label}: config.json lacks positive whole numbers for {', '.join(missing)}; "
+                "pass the model's full config.json, not a partial one"
+            )
+        heads, hidden = cfg["num_attention_heads"], cfg["hidden_size"]
+        kv_heads = heads if qwen1 else int(cfg.get("num_key_value_heads") or heads)
+        if heads % kv_heads:
+            raise ValueError(f"{label}: {heads} heads cannot share {kv_heads} KV heads evenly")
+        dtype = (
+            cfg.get("torch_dtype")
+            or cfg.get("dtype")
+            or ("float16" if cfg.get("fp16") else "bfloat16")
         )
-    return need
-
-
-def check_disk(size_gb: float, folder: Path, *, what: str) -> None:
-    """Raise :class:`NotEnoughResourcesError` if ``folder`` has not room for ``size_gb``."""
-    free = shutil.disk_usage(folder).free / GB
-    need = size_gb * 1.1 + 0.2
-    if need > free:
-        raise NotEnoughResourcesError(
-            f"Downloading {what} needs about {need:.1f} GB of disk, but {folder} has "
-            f"{free:.1f} GB free. Free some space, or point QWEN_LAB_CACHE at a bigger disk "
-            "(on AutoDL: the data disk, /root/autodl-tmp)."
+        quant = cfg.get("quantization_config")
+        return cls(
+            name=str(label),
+            model_type=str(cfg.get("model_type") or ""),
+            hidden_size=hidden,
+            num_layers=cfg["num_hidden_layers"],
+            num_heads=heads,
+            num_kv_heads=kv_heads,
+            head_dim=int(cfg.get("kv_channels" if qwen1 else "head_dim") or hidden // heads),
+            intermediate_size=cfg["intermediate_size"] // (2 if qwen1 else 1),
+            vocab_size=cfg["vocab_size"],
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            max_context=cfg["seq_length" if qwen1 else "max_position_embeddings"],
+            qkv_bias=qwen1 or bool(cfg.get("attention_bias", cfg.get("model_type") == "qwen2")),
+            qk_norm=cfg.get("model_type") == "qwen3",
+            dtype=str(dtype).replace("torch.", ""),
+            quantization=dict(quant) if isinstance(quant, Mapping) else None,
         )
 
+    @property
+    def q_width(self) -> int:
+        return self.num_heads * self.head_dim
 
-# --------------------------------------------------------------------------- local caches
+    @property
+    def kv_width(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    def linear_layers(self) -> list[tuple[str, int, int, str]]:
+        """One decoder block's linear layers: ``(name, inputs, outputs, "column"|"row")``."""
+        h, f = self.hidden_size, self.intermediate_size
+        return [
+            ("q_proj", h, self.q_width, "column"),
+            ("k_proj", h, self.kv_width, "column"),
+            ("v_proj", h, self.kv_width, "column"),
+            ("o_proj", self.q_width, h, "row"),
+            ("gate_proj", h, f, "column"),
+            ("up_proj", h, f, "column"),
+            ("down_proj", f, h, "row"),
+        ]
+
+    @property
+    def bias_params(self) -> int:
+        return self.num_layers * (self.q_width + 2 * self.kv_width) if self.qkv_bias else 0
+
+    @property
+    def norm_params(self) -> int:
+        per_layer = 2 * self.hidden_size + (2 * self.head_dim if self.qk_norm else 0)
+        return self.num_layers * per_layer + self.hidden_size
+
+    @property
+    def params(self) -> int:
+        """All parameters (tied embeddings counted once)."""
+        linear = self.num_layers * sum(k * n for _, k, n, _ in self.linear_layers())
+        embeddings = self.vocab_size * self.hidden_size * (1 if self.tie_word_embeddings else 2)
+        return linear + embeddings + self.bias_params + self.norm_params
+
+    def as_row(self) -> dict[str, Any]:
+        row = dataclasses.asdict(self)
+        row.pop("quantization")
+        return row | {"params_b": round(self.params / 1e9, 3)}
 
 
-def course_cache_path(repo_id: str) -> Path:
-    """Where the course keeps a downloaded model: ``<cache>/models/<org>/<name>``."""
+# --------------------------------------------------------------------------- caches and hubs
+
+
+def _course_cache_path(repo_id: str) -> Path:
     return models_dir() / repo_id
 
 
-def modelscope_cache_candidates(model_id: str) -> list[Path]:
-    """Folders where ModelScope's ``snapshot_download`` may have put ``model_id``."""
-    base = Path(os.environ.get("MODELSCOPE_CACHE") or Path.home() / ".cache" / "modelscope" / "hub")
-    names = {modelscope_folder_name(model_id), model_id}
-    return [root / n for root in (base / "models", base) for n in sorted(names)]
-
-
-def hf_cache_path(repo_id: str) -> Path | None:
-    """The snapshot folder of ``repo_id`` in the Hugging Face cache, if complete there."""
-    try:
-        from huggingface_hub import snapshot_download
-    except ImportError:
-        return None
-    try:
-        cache = os.environ.get("HF_HUB_CACHE")  # None: huggingface_hub's default
-        return Path(snapshot_download(repo_id, local_files_only=True, cache_dir=cache))
-    except Exception:  # not cached, or the library refuses: either way not usable
-        return None
-
-
 def find_local(spec: ModelSpec, log: Log = print) -> Path | None:
-    """A complete local copy of ``spec`` in any known cache, or None."""
+    """A complete local copy of ``spec``: the course cache, ModelScope's cache (which writes
+    ``Qwen2.5`` as ``Qwen2___5``), the Hugging Face cache; else None."""
     candidates: list[tuple[str, Path | None]] = []
     if spec.hf_id:
-        candidates.append(("course cache", course_cache_path(spec.hf_id)))
+        candidates.append(("course cache", _course_cache_path(spec.hf_id)))
     if spec.modelscope_id:
-        candidates += [
-            ("ModelScope cache", p) for p in modelscope_cache_candidates(spec.modelscope_id)
-        ]
+        ms = Path(os.environ.get("MODELSCOPE_CACHE") or Path.home() / ".cache/modelscope/hub")
+        for folder in {spec.modelscope_id.replace(".", "___"), spec.modelscope_id}:
+            candidates += [("ModelScope cache", p) for p in (ms / "models" / folder, ms / folder)]
     if spec.hf_id:
-        candidates.append(("Hugging Face cache", hf_cache_path(spec.hf_id)))
+        candidates.append(("Hugging Face cache", _hf_cache_path(spec.hf_id)))
     for where, path in candidates:
         if path is None or not path.exists():
             continue
         try:
             found = validate_model_dir(path)
         except ModelError as exc:
-            log(f"  ✗ {where} has {path}, but it is unusable: {exc}")
+            log(f"  ✗ the {where} has {path}, but it is unusable: {exc}")
             continue
         log(f"  ✓ found in the {where}: {found}")
         return found
     return None
 
 
-# --------------------------------------------------------------------------- network
+def _hf_cache_path(repo_id: str) -> Path | None:
+    try:
+        from huggingface_hub import snapshot_download
+
+        cache = os.environ.get("HF_HUB_CACHE")
+        return Path(snapshot_download(repo_id, local_files_only=True, cache_dir=cache))
+    except Exception:  # not cached (or the library refuses): not usable
+        return None
 
 
 def is_offline() -> bool:
-    """True when the user asked for offline mode (``QWEN_LAB_OFFLINE=1``, ``HF_HUB_OFFLINE=1``)."""
-    return any(os.environ.get(v, "") not in ("", "0") for v in (OFFLINE_ENV, "HF_HUB_OFFLINE"))
+    """True when ``QWEN_LAB_OFFLINE=1`` or ``HF_HUB_OFFLINE=1`` asks for offline mode."""
+    flags = ("QWEN_LAB_OFFLINE", "HF_HUB_OFFLINE")
+    return any(os.environ.get(v, "") not in ("", "0") for v in flags)
 
 
 def hf_endpoint() -> str:
@@ -348,86 +401,52 @@ def hf_endpoint() -> str:
     return os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
 
 
-def can_reach(host: str, port: int = 443, timeout: float = PROBE_TIMEOUT_S) -> bool:
-    """Open a TCP connection to ``host:port`` within ``timeout`` seconds."""
+def _reachable(host: str, timeout_s: float = 3.0) -> bool:
     try:
-        with socket.create_connection((host, port), timeout=timeout):
+        with socket.create_connection((host, 443), timeout=timeout_s):
             return True
     except OSError:
         return False
 
 
-def hub_order() -> list[str]:
-    """Hubs to try, in order: ``QWEN_LAB_HUB_ORDER`` (e.g. ``hf,modelscope``), default
-    ModelScope first (fast in China), then Hugging Face."""
-    order = os.environ.get(HUB_ORDER_ENV, "modelscope,hf")
-    hubs = [h.strip() for h in order.split(",") if h.strip()]
-    unknown = set(hubs) - {"modelscope", "hf"}
-    if unknown:
-        raise ValueError(f"{HUB_ORDER_ENV} may list 'modelscope' and 'hf'; got {sorted(unknown)}")
-    return hubs
-
-
-def _download_modelscope(model_id: str, dest: Path) -> None:
-    from modelscope import snapshot_download
-
-    snapshot_download(model_id, local_dir=str(dest))
-
-
-def _download_hf(repo_id: str, dest: Path) -> None:
-    from huggingface_hub import snapshot_download
-
-    snapshot_download(repo_id, local_dir=str(dest))
-
-
-DOWNLOADERS: dict[str, Callable[[str, Path], None]] = {
-    "modelscope": _download_modelscope,
-    "hf": _download_hf,
-}
-
-
 def download(spec: ModelSpec, log: Log = print) -> Path | None:
-    """Download ``spec`` into the course cache, trying each hub in :func:`hub_order`.
-
-    Files go to a temporary folder renamed into place only once complete and valid, so
-    an interrupted download leaves nothing that looks like a model. Returns None (after
-    saying why) when no hub could be reached or every attempt failed.
-    """
+    """Download ``spec`` into the course cache from each hub in ``QWEN_LAB_HUB_ORDER``
+    (default ``modelscope,hf``) until one works; the hubs resume partial downloads. Returns
+    None (after saying why) when offline, unreachable, or every hub failed."""
     if is_offline():
-        log(f"  · offline mode ({OFFLINE_ENV} / HF_HUB_OFFLINE set): not downloading")
+        log("  · offline mode (QWEN_LAB_OFFLINE / HF_HUB_OFFLINE): not downloading")
         return None
-    dest = course_cache_path(spec.hf_id or spec.modelscope_id or spec.name)
-    for hub in hub_order():
+    dest = _course_cache_path(spec.hf_id or spec.modelscope_id or spec.name)
+    hubs = [h.strip() for h in os.environ.get("QWEN_LAB_HUB_ORDER", "modelscope,hf").split(",")]
+    if set(hubs) - {"modelscope", "hf", ""}:
+        raise ValueError(f"QWEN_LAB_HUB_ORDER may list 'modelscope' and 'hf', not {hubs}")
+    for hub in filter(None, hubs):
         model_id = spec.modelscope_id if hub == "modelscope" else spec.hf_id
-        if not model_id:
+        host = "www.modelscope.cn" if hub == "modelscope" else urlparse(hf_endpoint()).hostname
+        if not model_id or not host:
             continue
-        host = MODELSCOPE_HOST if hub == "modelscope" else urlparse(hf_endpoint()).hostname
-        if not host or not can_reach(host):
-            log(f"  ✗ {hub}: cannot reach {host} within {PROBE_TIMEOUT_S:.0f} s")
+        if not _reachable(host):
+            log(f"  ✗ {hub}: cannot reach {host} within 3 s")
             continue
-        check_disk(
-            spec.size_gb, dest.parent if dest.parent.exists() else models_dir(), what=model_id
-        )
+        check_disk(spec.size_gb * 1.1 + 0.2, models_dir(), f"downloading {model_id}")
         log(f"  … downloading {model_id} from {hub} (~{spec.size_gb:.1f} GB) into {dest}")
         try:
-            with atomic_dir(dest, overwrite=True) as tmp:
-                DOWNLOADERS[hub](model_id, tmp)
-                validate_model_dir(tmp)
-        except ModelError:
-            raise
-        except Exception as exc:  # network errors come in many types; try the next hub
-            log(f"  ✗ {hub}: download failed ({type(exc).__name__}: {exc})")
+            if hub == "modelscope":
+                from modelscope import snapshot_download as ms_download
+
+                ms_download(model_id, local_dir=str(dest))
+            else:
+                from huggingface_hub import snapshot_download
+
+                snapshot_download(model_id, local_dir=str(dest))
+        except Exception as exc:  # network errors come in many types: try the next hub
+            log(f"  ✗ {hub}: download failed ({type(exc).__name__}: {exc}); run again to resume")
             continue
-        log(f"  ✓ downloaded: {dest}")
-        return dest
+        return validate_model_dir(dest)
     return None
 
 
 # --------------------------------------------------------------------------- resolve
-
-
-def _looks_like_path(name: str) -> bool:
-    return name.startswith((".", "/", "~")) or os.sep in name.strip("/").split("/", 1)[-1]
 
 
 def resolve(
@@ -437,56 +456,41 @@ def resolve(
     standin_ok: bool = True,
     log: Log = print,
 ) -> Path:
-    """Return a local folder for a model name, hub id or path; print what was chosen and why.
-
+    """A local folder for a model name, hub id or path; prints what was chosen and why.
     ``download_ok=False`` never touches the network; ``standin_ok=False`` raises instead of
-    falling back to the offline stand-in.
-    """
+    falling back to the offline stand-in."""
     text = os.fspath(name)
-    if Path(text).expanduser().exists() or _looks_like_path(text):
+    if Path(text).expanduser().exists() or text.startswith((".", "/", "~")) or text.count("/") > 1:
         path = validate_model_dir(text)
         log(f"✓ {text}: using the local folder {path}")
         return path
-
     spec = lookup(text)
+    if spec is None and text.count("/") == 1:  # an unregistered hub id ("Qwen/Qwen3-0.6B")
+        spec = ModelSpec(text, 0, "unknown", 0, "both", hf_id=text, modelscope_id=text)
     if spec is None:
-        if text.count("/") == 1:  # an unregistered hub id such as "Qwen/Qwen3-0.6B"
-            spec = ModelSpec(
-                name=text,
-                params_b=0,
-                weights="unknown",
-                size_gb=0,
-                target="both",
-                hf_id=text,
-                modelscope_id=text,
-            )
-        else:
-            names = [n for n in registry()]
-            close = difflib.get_close_matches(text, names, n=3, cutoff=0.4)
-            hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-            raise ModelNotFoundError(
-                f"Unknown model {text!r}: not a folder, not a hub id (org/name) and not in "
-                f"labhelpers/data/models.json.{hint} Known: {', '.join(names)}."
-            )
-
-    if spec.is_standin:
-        return _resolve_standin(spec, log)
-
-    log(f"Resolving {spec.name} ({spec.note or spec.hf_id}):")
-    local = find_local(spec, log)
-    if local is not None:
-        return local
-    log("  · not in any local cache")
-    if download_ok:
-        fetched = download(spec, log)
-        if fetched is not None:
-            return fetched
-    if standin_ok and spec.fallback:
-        log(
-            f"  → no copy of {spec.name} can be had here; using the OFFLINE STAND-IN "
-            f"'{spec.fallback}' (SmolLM2-135M in Qwen2 form, not Qwen) so the notebook still runs"
+        close = difflib.get_close_matches(text, registry(), n=3, cutoff=0.4)
+        hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
+        raise ModelNotFoundError(
+            f"Unknown model {text!r}: not a folder, not a hub id (org/name), not in "
+            f"labhelpers/data/models.json.{hint} Known: {', '.join(registry())}."
         )
-        return _resolve_standin(registry()[spec.fallback], log)
+    if spec.is_standin:
+        return _standin(spec, log)
+    log(f"Resolving {spec.name} ({spec.note or spec.hf_id}):")
+    found = find_local(spec, log) or (download(spec, log) if download_ok else None)
+    if found is not None:
+        return found
+    if standin_ok and spec.fallback:
+        if gpu_available() and not is_offline():
+            raise ModelNotFoundError(
+                f"{spec.name} is not here and could not be downloaded, and this is a GPU machine: "
+                "the 135M stand-in would print its numbers under GPU titles. Get the model: set "
+                "HF_ENDPOINT=https://hf-mirror.com (or QWEN_LAB_HUB_ORDER=modelscope,hf), copy the "
+                "folder here and pass its path, or set QWEN_LAB_OFFLINE=1 to accept the stand-in."
+            )
+        log(f"  → no copy of {spec.name} can be had here: using the OFFLINE STAND-IN "
+            f"'{spec.fallback}' (SmolLM2-135M in Qwen2 form, NOT Qwen)")  # fmt: skip
+        return _standin(registry()[spec.fallback], log)
     raise ModelNotFoundError(
         f"{spec.name} is not in any local cache and could not be downloaded. Connect to the "
         "internet (or set HF_ENDPOINT to a mirror such as https://hf-mirror.com), or copy the "
@@ -494,18 +498,12 @@ def resolve(
     )
 
 
-def _resolve_standin(spec: ModelSpec, log: Log) -> Path:
-    from labhelpers import standin
-
-    if not standin.is_built(spec.name):
-        log(
-            f"  … stand-in '{spec.name}' is not built yet; building it now (set-up normally "
-            "does this)"
+def _standin(spec: ModelSpec, log: Log) -> Path:
+    if not standin_built(spec.name):
+        raise ModelNotFoundError(
+            f"the offline stand-in '{spec.name}' is not built yet: run ./course setup "
+            "(or python tools/standin.py), about 4 minutes once."
         )
-        builder = (
-            standin.build_standin if spec.name == standin.STANDIN else standin.build_standin_gptq
-        )
-        builder(log=log)
-    path = validate_model_dir(standin.standin_dir(spec.name))
+    path = validate_model_dir(standin_dir(spec.name))
     log(f"✓ {spec.name}: {path}  [{spec.note}]")
     return path

@@ -1,112 +1,57 @@
-"""How much GPU memory, host RAM and disk a model needs, from its ``config.json`` alone.
+"""How much GPU memory, host RAM and disk a model needs under TensorRT-LLM, from its
+``config.json`` alone (no weights are read). Notebook 04 teaches the rules; 05 reuses the KV
+cache arithmetic. Per GPU under ``tp``-way tensor parallelism, in bytes (reports in GiB):
 
-No weights are read: the sizes follow from the architecture fields of the config
-(layers, hidden size, heads, KV heads, head size, MLP width, vocabulary) and the storage
-format of each quantization mode. Used by notebook 04_tensorrt_llm (sizing table for all
-modes, the verdict for a named GPU, what a TensorRT-LLM build needs). Made for reuse:
-notebook 00's ``fits.what_fits`` can ask :func:`verdict` about a registry model
-(``config_and_mode(name)`` maps ``Qwen2.5-7B-Instruct-GPTQ-Int4`` to a config and a
-mode) and notebook 05's vLLM flag advice can read :attr:`Estimate.kv_bytes_per_token`
-and :attr:`Verdict.max_context` (``--max-model-len``) with ``runtime="generic"``.
-
-The rules, per GPU under ``tp``-way tensor parallelism (bytes; reports use GiB = 2**30,
-as nvidia-smi and :mod:`labhelpers.env` do):
-
-* **Weights.** Every linear layer inside the decoder blocks is stored in the mode's
-  format; embeddings, the LM head, norms and biases stay 16-bit. Per linear layer with
-  ``k`` inputs and ``n`` outputs: 16-bit ``2kn``; fp8 ``kn`` (+ two fp32 scales); int8
-  weight-only ``kn + 2n`` (one fp16 scale per output channel); int4 weight-only
-  ``kn/2 + 2n``; GPTQ int4 with group size ``g``: ``kn/2 + 4n·k/g`` (an fp16 scale and
-  an fp16 zero point per group and output, as TensorRT-LLM's groupwise kernel takes
-  them); AWQ int4: ``kn/2 + 2n·k/g + 2k`` (scales plus a per-input pre-quant scale);
-  SmoothQuant int8: ``kn + 4n + 4k``. Column-parallel layers (q/k/v, gate/up) split
-  their outputs, row-parallel ones (o, down) their inputs. Tied embeddings count once;
-  with ``tp > 1`` each GPU keeps the whole embedding table (TensorRT-LLM's default,
-  no ``--use_parallel_embedding``) and a ``1/tp`` slice of the LM head.
-* **KV cache.** ``2 (K and V) × layers × KV heads × head size × bytes`` per token
-  (GQA through ``num_key_value_heads``; with ``tp`` beyond the KV head count the heads
-  are replicated, one per GPU). fp16/bf16 cache 2 bytes, int8/fp8 cache 1 byte. Each
-  sequence is rounded up to whole blocks of :data:`TOKENS_PER_BLOCK` tokens (paged KV).
-* **Activations.** TensorRT sizes them at build time for ``max_num_tokens`` tokens and
-  reuses one decoder block's buffers for all blocks (TensorRT-LLM's
-  ``docs/source/reference/memory.md``): ``max_num_tokens × 2 bytes × (4·hidden +
-  (q + 2·kv widths)/tp + 3·MLP width/tp)``, plus fp32 logits ``batch × vocab × 4``.
-* **Runtime reserve.** :data:`RUNTIME_RESERVE_BYTES` per GPU for the CUDA context,
-  cuBLAS/cuBLASLt workspaces and NCCL buffers.
-* **KV budget.** Like TensorRT-LLM's ``KvCacheConfig(free_gpu_memory_fraction=0.9)``,
-  the KV pool gets ``kv_fraction`` of what is left after weights, activations and the
-  reserve. "Fits" means the requested ``batch × context`` KV fits in that pool.
-* **Build (engine path).** Disk: the source checkpoint + the converted TensorRT-LLM
-  checkpoint + the engines (each about the engine weights, all GPUs). Host RAM peak:
-  ``max(source + one rank's weights [convert_checkpoint.py holds the Hugging Face model
-  while it writes], 3 × one rank's weights [trtllm-build: loaded weights, TensorRT's
-  copy, the serialized engine]) + 2 GiB``. GPU: modes that calibrate (fp8, AWQ,
-  SmoothQuant, int8/fp8 KV) first load the 16-bit model on the GPU(s). The PyTorch
-  backend (``trtllm-serve <hf model>``) converts nothing: disk is the checkpoint.
-
-Importing this module is instant: standard library only (``labhelpers.bench`` is
-imported inside the function that uses it).
+* weights: every decoder linear layer in the mode's format (16-bit ``2kn``; fp8 ``kn``;
+  int8/int4 weight-only ``kn·bits/8 + 2n``; GPTQ int4 group ``g`` ``kn/2 + 4n·k/g``; AWQ
+  ``kn/2 + 2n·k/g + 2k``; SmoothQuant ``kn + 4n + 4k``), the rest 16-bit; column-parallel layers
+  split their outputs, row-parallel ones their inputs; with tp > 1 every GPU keeps the whole
+  embedding table and a slice of the LM head;
+* KV cache: ``2 × layers × KV heads × head size × bytes`` per token, in blocks of 32 tokens;
+* activations (TensorRT sizes them at build time for ``max_num_tokens``; TensorRT-LLM's
+  ``docs/source/reference/memory.md``) plus fp32 logits; a 1 GiB runtime reserve;
+* the KV pool gets ``kv_fraction`` (0.9) of what is left, like ``KvCacheConfig``;
+* the engine build: disk = source checkpoint + converted checkpoint + engines; host RAM peak
+  = max(source + one rank, 3 × one rank) + 2 GiB; calibrating modes load the 16-bit model.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
-import json
 import math
-import os
-import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-GIB = 2**30
-DATA_DIR = Path(__file__).resolve().parent / "data"
-CONFIGS_FILE = DATA_DIR / "qwen_configs.json"
-GPUS_FILE = DATA_DIR / "gpus.json"
+from labhelpers.files import GIB
+from labhelpers.machine import GpuSpec, gpu_spec
+from labhelpers.models import ModelShape, load_config
+from labhelpers.roofline import roofline_tokens_per_s
 
-ACT_BYTES = 2  # activations in fp16/bf16
-LOGIT_BYTES = 4  # TensorRT-LLM keeps generation logits in fp32
-RUNTIME_RESERVE_BYTES = 1 * GIB  # CUDA context, cuBLAS/cuBLASLt workspaces, NCCL, per GPU
+ACT_BYTES, LOGIT_BYTES = 2, 4  # fp16/bf16 activations; TensorRT-LLM keeps logits in fp32
+RUNTIME_RESERVE_BYTES = 1 * GIB  # CUDA context, cuBLAS workspaces, NCCL, per GPU
 BUILD_HOST_OVERHEAD_BYTES = 2 * GIB  # Python, torch, TensorRT libraries during a build
 KV_FRACTION = 0.9  # KvCacheConfig.free_gpu_memory_fraction default
-TOKENS_PER_BLOCK = 32  # KvCacheConfig.tokens_per_block / PluginConfig.tokens_per_block default
+TOKENS_PER_BLOCK = 32  # KvCacheConfig.tokens_per_block default
 MAX_NUM_TOKENS = 8192  # BuildConfig.max_num_tokens default
 DEFAULT_CONTEXT = 4096  # tokens per sequence when none is given (capped by the model)
-TRTLLM_MIN_CAPABILITY = (8, 0)  # TensorRT-LLM 1.x supported hardware: Ampere and newer
+TRTLLM_MIN_CAPABILITY = (8, 0)  # TensorRT-LLM 1.x: Ampere and newer
 GROUPWISE_SIZES = (64, 128)  # fpA_intB_gemm_template.h: "Only group size 64 and 128 supported"
 KNOWN_MODEL_TYPES = ("qwen", "qwen2", "qwen3", "llama", "mistral")
-RUNTIMES = ("tensorrt-llm", "generic")
-BACKENDS = ("engine", "pytorch")
-# What this course runs through TensorRT-LLM 1.2's PyTorch backend (trtllm-serve <model>):
-# Hugging Face 16-bit checkpoints, and FP8 / INT4-AWQ checkpoints exported by ModelOpt
-# (examples/quantization/quantize.py --export_format hf). HF GPTQ checkpoints load only
-# through the engine path in 1.2.
+TRTLLM_BACKENDS = ("engine", "pytorch")
+# What TensorRT-LLM 1.2's PyTorch backend (trtllm-serve <hf model>, tensorrt_llm.LLM) serves
+# here: 16-bit checkpoints and ModelOpt's FP8 / INT4-AWQ exports. HF GPTQ checkpoints load only
+# through the engine path in 1.2 (PR #19442 for GPTQ in the PyTorch backend was still open).
 PYTORCH_BACKEND_MODES = ("bf16", "fp16", "fp8", "int4_awq")
 
 
-# --------------------------------------------------------------------------- errors
-
-
 class SizingError(ValueError):
-    """Bad input to the estimator. The message says what to do instead."""
-
-
-class ConfigError(SizingError):
-    """The config is missing fields, or describes an architecture this does not size."""
-
-
-class UnknownGpuError(SizingError):
-    """A GPU name that is not in ``labhelpers/data/gpus.json`` (or is ambiguous)."""
-
-
-class UnsupportedModeError(SizingError):
-    """The mode cannot run on this GPU generation / backend / model shape."""
+    """Bad input, or a mode that cannot run here. The message says what to do instead."""
 
 
 class DoesNotFitError(SizingError):
-    """Not even one sequence fits. ``suggestions`` lists what would (strings)."""
+    """Not even one sequence fits. ``suggestions`` lists what would."""
 
     def __init__(self, message: str, suggestions: Sequence[str] = ()):
         self.suggestions = list(suggestions)
@@ -115,286 +60,37 @@ class DoesNotFitError(SizingError):
         super().__init__(message)
 
 
-# --------------------------------------------------------------------------- configs
-
-
-def _read_json(path: Path) -> Any:
-    return json.loads(path.read_text(encoding="utf-8"))
-
-
-def shipped_models() -> dict[str, dict[str, Any]]:
-    """The public Qwen ``config.json`` copies shipped with the course, by model name:
-    ``{"hf_id", "source", "note", "config"}`` (``labhelpers/data/qwen_configs.json``).
-    Used by notebook 04_tensorrt_llm."""
-    data = _read_json(CONFIGS_FILE)
-    return {name: entry for name, entry in data.items() if not name.startswith("_")}
-
-
-def _shipped_lookup(name: str) -> dict[str, Any] | None:
-    lowered = name.strip().lower()
-    for model, entry in shipped_models().items():
-        if lowered in (model.lower(), entry["hf_id"].lower()):
-            return dict(entry["config"])
-    return None
-
-
-def load_config(source: Any) -> dict[str, Any]:
-    """A config as a dict, from: a dict; a transformers config object; a ``config.json``
-    path or a model folder; or the name / hub id of a shipped config (``"Qwen3-8B"``,
-    ``"Qwen/Qwen2.5-7B-Instruct"``). Used by notebook 04_tensorrt_llm."""
-    if isinstance(source, Mapping):
-        return dict(source)
-    if hasattr(source, "to_dict"):
-        return dict(source.to_dict())
-    if not isinstance(source, (str, os.PathLike)):
-        raise ConfigError(f"cannot read a config from {type(source).__name__}: {source!r}")
-    path = Path(source).expanduser()
-    if path.is_dir():
-        path = path / "config.json"
-        if not path.is_file():
-            raise ConfigError(f"{path.parent} has no config.json: point at a model folder")
-    if path.is_file():
-        try:
-            data = _read_json(path)
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"{path} is not valid JSON ({exc})") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path} does not hold a JSON object")
-        return data
-    config = _shipped_lookup(str(source))
-    if config is None:
-        names = ", ".join(shipped_models())
-        raise ConfigError(
-            f"no config for {str(source)!r}: not a file or folder, and not one of the shipped "
-            f"configs ({names}). Pass the model's config.json (a path, or the dict)."
-        )
-    return config
-
-
 _SUFFIX_MODES = {"-gptq-int4": "int4_gptq", "-awq": "int4_awq", "-fp8": "fp8"}
 
 
 def config_and_mode(name: str) -> tuple[dict[str, Any], str]:
-    """For a quantized checkpoint name (``Qwen2.5-7B-Instruct-GPTQ-Int4``): the shipped
-    config of its base model and the mode (``int4_gptq``); plain names give the base
-    config and ``bf16``. For notebook 00's ``fits.what_fits`` and notebook 04."""
-    lowered = name.lower()
+    """For a checkpoint name (``Qwen2.5-7B-Instruct-GPTQ-Int4``): the shipped config of its
+    base model and its mode (``int4_gptq``); plain names give ``bf16``."""
     for suffix, mode in _SUFFIX_MODES.items():
-        if lowered.endswith(suffix):
+        if name.lower().endswith(suffix):
             return load_config(name[: -len(suffix)]), mode
-    if "-gptq-int8" in lowered:
-        raise ConfigError(f"{name}: 8-bit GPTQ is not a mode here; size it as 'int8_wo'")
     return load_config(name), "bf16"
 
 
-# --------------------------------------------------------------------------- model shape
-
-
-@dataclass(frozen=True)
-class ModelShape:
-    """The architecture numbers sizing needs, normalized across config dialects.
-
-    Qwen1 (``model_type: qwen``, remote code) names things differently: ``kv_channels``
-    is the head size, ``intermediate_size`` is twice each MLP projection's width, there
-    is no ``num_key_value_heads`` (plain multi-head attention) and ``seq_length`` is the
-    context. ``intermediate_size`` here is always one projection's width."""
-
-    name: str
-    model_type: str
-    hidden_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    intermediate_size: int
-    vocab_size: int
-    tie_word_embeddings: bool
-    max_context: int
-    qkv_bias: bool
-    qk_norm: bool
-    dtype: str
-    quantization: dict[str, Any] | None = None
-
-    @classmethod
-    def from_config(cls, config: Any, name: str | None = None) -> ModelShape:
-        """Read a config dict / transformers config / path / shipped name (notebook 04)."""
+def shape_of(config: Any, name: str | None = None) -> ModelShape:
+    """:class:`labhelpers.models.ModelShape` of a dense decoder this module can size."""
+    if isinstance(config, ModelShape):
+        return config
+    try:
         cfg = load_config(config)
-        if name is None and isinstance(config, (str, os.PathLike)):
-            path = Path(config)  # a shipped name / hub id, a model folder or its config.json
-            name = (
-                path.name if path.is_dir() else path.parent.name if path.is_file() else str(config)
-            )
-        if "num_hidden_layers" not in cfg and isinstance(cfg.get("text_config"), Mapping):
-            cfg = {**cfg["text_config"], "quantization_config": cfg.get("quantization_config")}
-        model_type = str(cfg.get("model_type") or "").lower()
-        label = name or cfg.get("_name_or_path") or model_type or "model"
-        if not model_type:
-            raise ConfigError(f"{label}: config has no model_type; is this a model's config.json?")
-        if model_type.endswith("_moe") or any(
-            k in cfg for k in ("num_experts", "num_local_experts")
-        ):
-            raise ConfigError(
-                f"{label}: mixture-of-experts models ({model_type}) are not sized here; "
-                "only dense decoder models (" + ", ".join(KNOWN_MODEL_TYPES) + ")"
-            )
+        model_type = str(cfg.get("model_type") or cfg.get("text_config", {}).get("model_type", ""))
+        if model_type.endswith("_moe") or "num_experts" in cfg or "num_local_experts" in cfg:
+            raise SizingError(f"{name or model_type}: mixture-of-experts models are not sized here")
         if model_type not in KNOWN_MODEL_TYPES:
-            raise ConfigError(
-                f"{label}: model_type {model_type!r} is not one this estimator knows "
+            raise SizingError(
+                f"{name or 'model'}: model_type {model_type!r} is not one this estimator knows "
                 f"({', '.join(KNOWN_MODEL_TYPES)}); its layer layout may differ"
             )
-        if model_type == "qwen":
-            return cls._from_qwen1(cfg, label)
-        need = ("hidden_size", "num_attention_heads", "num_hidden_layers", "intermediate_size")
-        need += ("vocab_size", "max_position_embeddings")
-        _require(cfg, need, label)
-        heads = _positive(cfg, "num_attention_heads", label)
-        kv_heads = int(cfg.get("num_key_value_heads") or heads)
-        hidden = _positive(cfg, "hidden_size", label)
-        head_dim = int(cfg.get("head_dim") or hidden // heads)
-        bias_default = model_type == "qwen2"  # Qwen1.5/2/2.5: q/k/v have biases
-        shape = cls(
-            name=str(label),
-            model_type=model_type,
-            hidden_size=hidden,
-            num_layers=_positive(cfg, "num_hidden_layers", label),
-            num_heads=heads,
-            num_kv_heads=kv_heads,
-            head_dim=head_dim,
-            intermediate_size=_positive(cfg, "intermediate_size", label),
-            vocab_size=_positive(cfg, "vocab_size", label),
-            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            max_context=_positive(cfg, "max_position_embeddings", label),
-            qkv_bias=bool(cfg.get("attention_bias", bias_default)),
-            qk_norm=model_type == "qwen3",
-            dtype=_config_dtype(cfg),
-            quantization=_quantization(cfg),
-        )
-        shape._validate()
-        return shape
-
-    @classmethod
-    def _from_qwen1(cls, cfg: Mapping[str, Any], label: str) -> ModelShape:
-        need = ("hidden_size", "num_attention_heads", "num_hidden_layers", "intermediate_size")
-        _require(cfg, (*need, "vocab_size"), label)
-        if not (cfg.get("seq_length") or cfg.get("max_position_embeddings")):
-            raise ConfigError(f"{label}: Qwen1 config needs seq_length (its context length)")
-        heads = _positive(cfg, "num_attention_heads", label)
-        hidden = _positive(cfg, "hidden_size", label)
-        dtype = "bfloat16" if cfg.get("bf16") else "float16" if cfg.get("fp16") else None
-        shape = cls(
-            name=str(label),
-            model_type="qwen",
-            hidden_size=hidden,
-            num_layers=_positive(cfg, "num_hidden_layers", label),
-            num_heads=heads,
-            num_kv_heads=heads,
-            head_dim=int(cfg.get("kv_channels") or hidden // heads),
-            intermediate_size=_positive(cfg, "intermediate_size", label) // 2,
-            vocab_size=_positive(cfg, "vocab_size", label),
-            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            max_context=int(cfg.get("seq_length") or cfg["max_position_embeddings"]),
-            qkv_bias=True,  # c_attn always has a bias; no_bias covers the other layers
-            qk_norm=False,
-            dtype=dtype or _config_dtype(cfg),
-            quantization=_quantization(cfg),
-        )
-        shape._validate()
-        return shape
-
-    def _validate(self) -> None:
-        if self.num_heads % self.num_kv_heads:
-            raise ConfigError(
-                f"{self.name}: {self.num_heads} attention heads cannot share "
-                f"{self.num_kv_heads} KV heads evenly; check num_key_value_heads"
-            )
-
-    @property
-    def q_width(self) -> int:
-        return self.num_heads * self.head_dim
-
-    @property
-    def kv_width(self) -> int:
-        return self.num_kv_heads * self.head_dim
-
-    def linear_layers(self) -> list[tuple[str, int, int, str]]:
-        """One decoder block's linear layers: ``(name, in, out, "column"|"row")``."""
-        h, f = self.hidden_size, self.intermediate_size
-        return [
-            ("q_proj", h, self.q_width, "column"),
-            ("k_proj", h, self.kv_width, "column"),
-            ("v_proj", h, self.kv_width, "column"),
-            ("o_proj", self.q_width, h, "row"),
-            ("gate_proj", h, f, "column"),
-            ("up_proj", h, f, "column"),
-            ("down_proj", f, h, "row"),
-        ]
-
-    @property
-    def linear_params(self) -> int:
-        """Parameters in all decoder-block linear layers (the part quantization shrinks)."""
-        return self.num_layers * sum(k * n for _, k, n, _ in self.linear_layers())
-
-    @property
-    def embedding_params(self) -> int:
-        return self.vocab_size * self.hidden_size
-
-    @property
-    def lm_head_params(self) -> int:
-        return 0 if self.tie_word_embeddings else self.vocab_size * self.hidden_size
-
-    @property
-    def bias_params(self) -> int:
-        return self.num_layers * (self.q_width + 2 * self.kv_width) if self.qkv_bias else 0
-
-    @property
-    def norm_params(self) -> int:
-        per_layer = 2 * self.hidden_size + (2 * self.head_dim if self.qk_norm else 0)
-        return self.num_layers * per_layer + self.hidden_size
-
-    @property
-    def params(self) -> int:
-        """Total parameters (tied embeddings counted once)."""
-        return (
-            self.linear_params
-            + self.embedding_params
-            + self.lm_head_params
-            + self.bias_params
-            + self.norm_params
-        )
-
-    def as_row(self) -> dict[str, Any]:
-        """The shape as a flat dict (show with ``pandas.DataFrame([...])``)."""
-        row = dataclasses.asdict(self)
-        row.pop("quantization")
-        row["params_b"] = round(self.params / 1e9, 3)
-        return row
-
-
-def _require(cfg: Mapping[str, Any], names: Iterable[str], label: str) -> None:
-    missing = [n for n in names if cfg.get(n) in (None, "")]
-    if missing:
-        raise ConfigError(
-            f"{label}: config.json is missing {', '.join(missing)}; pass the model's full "
-            "config.json (from its folder or hub page), not a partial one"
-        )
-
-
-def _positive(cfg: Mapping[str, Any], key: str, label: str) -> int:
-    value = cfg[key]
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
-        raise ConfigError(f"{label}: {key} must be a whole number, got {value!r}")
-    if value <= 0:
-        raise ConfigError(f"{label}: {key} must be positive, got {value}")
-    return int(value)
-
-
-def _config_dtype(cfg: Mapping[str, Any]) -> str:
-    return str(cfg.get("torch_dtype") or cfg.get("dtype") or "bfloat16").replace("torch.", "")
-
-
-def _quantization(cfg: Mapping[str, Any]) -> dict[str, Any] | None:
-    q = cfg.get("quantization_config")
-    return dict(q) if isinstance(q, Mapping) else None
+        return ModelShape.from_config(config, name)
+    except SizingError:
+        raise
+    except ValueError as exc:
+        raise SizingError(str(exc)) from None
 
 
 # --------------------------------------------------------------------------- modes
@@ -491,102 +187,9 @@ def mode_of(shape: ModelShape) -> Mode:
         return MODES[f"int4_{method}"].with_group_size(group if group > 0 else None)
     if method == "fp8":
         return MODES["fp8"]
-    raise ConfigError(
+    raise SizingError(
         f"{shape.name}: quantization_config {method or '?'} {bits}-bit is not a mode here; "
         f"size it with an explicit mode ({', '.join(MODES)})"
-    )
-
-
-# --------------------------------------------------------------------------- GPUs
-
-
-@dataclass(frozen=True)
-class GpuSpec:
-    """One GPU model. ``capability`` is the CUDA compute capability (major, minor)."""
-
-    name: str
-    memory_bytes: int
-    capability: tuple[int, int]
-    bandwidth_gbps: float | None = None
-    arch: str = ""
-
-    @property
-    def memory_gib(self) -> float:
-        return self.memory_bytes / GIB
-
-    @property
-    def supports_bf16(self) -> bool:
-        return self.capability >= (8, 0)
-
-    @property
-    def supports_fp8(self) -> bool:
-        return self.capability >= (8, 9)
-
-    @classmethod
-    def from_gpu_info(cls, info: Any) -> GpuSpec:
-        """From :class:`labhelpers.env.GpuInfo` (what ``env.collect_report()`` found):
-        the table's entry for its name, with the measured memory; else built from it."""
-        try:
-            known = gpu(info.name)
-        except UnknownGpuError:
-            known = None
-        capability = info.capability or (known.capability if known else None)
-        if capability is None:
-            raise UnknownGpuError(
-                f"{info.name}: compute capability unknown; pass capability=(major, minor)"
-            )
-        return cls(
-            name=known.name if known else info.name,
-            memory_bytes=int(info.total_memory_gb * GIB),
-            capability=tuple(capability),
-            bandwidth_gbps=known.bandwidth_gbps if known else None,
-            arch=known.arch if known else "",
-        )
-
-
-def _norm(name: str) -> str:
-    lowered = re.sub(r"\b(nvidia|geforce|tesla)\b", "", name.lower())
-    return re.sub(r"[^a-z0-9]", "", lowered)
-
-
-def known_gpus() -> dict[str, GpuSpec]:
-    """The GPUs in ``labhelpers/data/gpus.json``, by name (notebook 04_tensorrt_llm)."""
-    data = _read_json(GPUS_FILE)
-    return {
-        name: GpuSpec(
-            name=name,
-            memory_bytes=int(e["memory_mib"]) * 2**20,
-            capability=(int(e["capability"][0]), int(e["capability"][1])),
-            bandwidth_gbps=e.get("bandwidth_gbps"),
-            arch=e.get("arch", ""),
-        )
-        for name, e in data.items()
-        if not name.startswith("_")
-    }
-
-
-def gpu(name: str | GpuSpec) -> GpuSpec:
-    """A GPU by name, nvidia-smi name or alias (``"RTX 4090"``, ``"NVIDIA A100-SXM4-80GB"``,
-    ``"H100"``); case, spaces and dashes do not matter. Unknown or ambiguous names raise
-    :class:`UnknownGpuError` listing close matches. Used by notebook 04_tensorrt_llm."""
-    if isinstance(name, GpuSpec):
-        return name
-    wanted = _norm(str(name))
-    specs = known_gpus()
-    for gpu_name, entry in _read_json(GPUS_FILE).items():
-        names = [gpu_name, *entry.get("aliases", [])] if gpu_name in specs else []
-        if wanted in {_norm(n) for n in names}:
-            return specs[gpu_name]
-    partial = [n for n in specs if wanted and _norm(n).startswith(wanted)]
-    if len(partial) > 1:
-        raise UnknownGpuError(f"GPU {name!r} is ambiguous: say which of {', '.join(partial)}")
-    if len(partial) == 1:
-        return specs[partial[0]]
-    close = difflib.get_close_matches(str(name), specs, n=3, cutoff=0.4)
-    hint = f" Close: {', '.join(close)}." if close else ""
-    raise UnknownGpuError(
-        f"unknown GPU {name!r}.{hint} Known: {', '.join(specs)}. For another card use "
-        "sizing.GpuSpec(name, memory_bytes, capability=(major, minor))."
     )
 
 
@@ -622,52 +225,48 @@ def _check_tp(shape: ModelShape, tp: int) -> None:
 def problems(
     shape: ModelShape,
     mode: Mode,
-    gpu_spec: GpuSpec | None = None,
+    gpu: GpuSpec | None = None,
     *,
     tp: int = 1,
     kv_dtype: str = "auto",
-    runtime: str = "tensorrt-llm",
     backend: str = "engine",
 ) -> list[str]:
     """Why ``mode`` cannot run here, one message per reason (empty: it can). Rules:
-    bf16 needs compute capability >= 8.0, fp8 (weights or KV) >= 8.9; with
-    ``runtime="tensorrt-llm"`` also: Ampere (8.0) or newer, GPTQ/AWQ group size 64 or
+    bf16 needs compute capability >= 8.0, fp8 (weights or KV) >= 8.9; TensorRT-LLM 1.x
+    needs Ampere (8.0) or newer, GPTQ/AWQ group size 64 or
     128 dividing every layer's (per-GPU) input width, no GPTQ act-order, and the
     backend's formats. Used by :func:`verdict` and :func:`table` (notebook 04)."""
-    if runtime not in RUNTIMES:
-        raise SizingError(f"runtime must be one of {RUNTIMES}, got {runtime!r}")
-    if backend not in BACKENDS:
-        raise SizingError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend not in TRTLLM_BACKENDS:
+        raise SizingError(f"backend must be one of {TRTLLM_BACKENDS}, got {backend!r}")
     if kv_dtype not in KV_DTYPES:
         raise SizingError(f"kv_dtype must be one of {', '.join(KV_DTYPES)}, got {kv_dtype!r}")
     out: list[str] = []
-    if gpu_spec is not None:
-        cc = "{}.{}".format(*gpu_spec.capability)
-        if runtime == "tensorrt-llm" and gpu_spec.capability < TRTLLM_MIN_CAPABILITY:
-            arch = gpu_spec.arch or "pre-Ampere"
+    if gpu is not None:
+        cc = "{}.{}".format(*gpu.capability)
+        if gpu.capability < TRTLLM_MIN_CAPABILITY:
+            arch = gpu.arch or "pre-Ampere"
             out.append(
-                f"{gpu_spec.name} (compute capability {cc}, {arch}) is not "
+                f"{gpu.name} (compute capability {cc}, {arch}) is not "
                 "supported by TensorRT-LLM 1.x, which needs Ampere (8.0) or newer; Volta support "
                 "ended with TensorRT 10.5. Serve it with vLLM (notebook 05) or transformers instead"
             )
-        if gpu_spec.capability < mode.min_capability:
+        if gpu.capability < mode.min_capability:
             need = "{}.{}".format(*mode.min_capability)
             fix = "use fp16" if mode.name == "bf16" else "use int8_wo / int4_gptq / bf16"
             out.append(
-                f"{mode.label} needs compute capability >= {need}; {gpu_spec.name} has {cc}: {fix}"
+                f"{mode.label} needs compute capability >= {need}; {gpu.name} has {cc}: {fix}"
             )
-        if kv_dtype == "fp8" and not gpu_spec.supports_fp8:
-            out.append(f"an fp8 KV cache needs compute capability >= 8.9; {gpu_spec.name} has {cc}")
-        if kv_dtype == "bf16" and not gpu_spec.supports_bf16:
-            out.append(f"a bf16 KV cache needs compute capability >= 8.0; {gpu_spec.name} has {cc}")
-    if runtime == "tensorrt-llm":
-        if backend == "pytorch" and mode.name not in PYTORCH_BACKEND_MODES:
-            out.append(
-                f"{mode.label} is not served by TensorRT-LLM 1.2's PyTorch backend in this course "
-                "(Hugging Face GPTQ checkpoints load only through the engine path): use "
-                "backend='engine' (convert_checkpoint.py + trtllm-build)"
-            )
-        out += _groupwise_problems(shape, mode, tp)
+        if kv_dtype == "fp8" and not gpu.supports_fp8:
+            out.append(f"an fp8 KV cache needs compute capability >= 8.9; {gpu.name} has {cc}")
+        if kv_dtype == "bf16" and not gpu.supports_bf16:
+            out.append(f"a bf16 KV cache needs compute capability >= 8.0; {gpu.name} has {cc}")
+    if backend == "pytorch" and mode.name not in PYTORCH_BACKEND_MODES:
+        out.append(
+            f"{mode.label} is not served by TensorRT-LLM 1.2's PyTorch backend in this course "
+            "(Hugging Face GPTQ checkpoints load only through the engine path): use "
+            "backend='engine' (convert_checkpoint.py + trtllm-build)"
+        )
+    out += _groupwise_problems(shape, mode, tp)
     return out
 
 
@@ -773,7 +372,6 @@ def weight_bytes(
     mode: Mode,
     *,
     tp: int = 1,
-    parallel_embedding: bool = False,
     layout: str = "engine",
 ) -> int:
     """Per-GPU weight bytes in ``mode`` (``layout="checkpoint"``: a Hugging Face GPTQ/AWQ
@@ -784,8 +382,8 @@ def weight_bytes(
         per_layer += sizer(k // tp, n) if split == "row" else sizer(k, n // tp)
     bias = 2 * (shape.bias_params // tp)
     norms = 2 * shape.norm_params
-    embedding = 2 * shape.embedding_params // (tp if parallel_embedding else 1)
-    shares_head = shape.tie_word_embeddings and (tp == 1 or parallel_embedding)
+    embedding = 2 * shape.vocab_size * shape.hidden_size
+    shares_head = shape.tie_word_embeddings and tp == 1
     lm_head = 0 if shares_head else 2 * shape.vocab_size * shape.hidden_size // tp
     return shape.num_layers * per_layer + bias + norms + embedding + lm_head
 
@@ -820,7 +418,6 @@ def estimate(
     tp: int = 1,
     kv_dtype: str = "auto",
     max_num_tokens: int | None = None,
-    parallel_embedding: bool = False,
     backend: str = "engine",
     name: str | None = None,
 ) -> Estimate:
@@ -829,10 +426,10 @@ def estimate(
     (prompt + output; default ``min(4096, model max)``) over ``tp`` GPUs. Rules in the
     module docstring. ``max_num_tokens`` (default ``min(8192, batch × context)``) is
     trtllm-build's flag of that name. Used by notebook 04_tensorrt_llm."""
-    shape = config if isinstance(config, ModelShape) else ModelShape.from_config(config, name)
+    shape = config if isinstance(config, ModelShape) else shape_of(config, name)
     m = mode_of(shape).with_group_size(group_size) if mode is None else get_mode(mode, group_size)
-    if backend not in BACKENDS:
-        raise SizingError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend not in TRTLLM_BACKENDS:
+        raise SizingError(f"backend must be one of {TRTLLM_BACKENDS}, got {backend!r}")
     _check_tp(shape, tp)
     context = min(DEFAULT_CONTEXT, shape.max_context) if context is None else context
     for what, value in (("batch", batch), ("context", context)):
@@ -845,7 +442,7 @@ def estimate(
         )
     max_num_tokens = max_num_tokens or min(MAX_NUM_TOKENS, batch * context)
     per_token = kv_bytes_per_token(shape, kv_dtype, tp=tp)
-    weights = weight_bytes(shape, m, tp=tp, parallel_embedding=parallel_embedding)
+    weights = weight_bytes(shape, m, tp=tp)
     activations = activation_bytes(shape, max_num_tokens, batch, tp=tp)
     kv = batch * kv_tokens(context) * per_token
     runtime_bytes = weights + kv + activations + RUNTIME_RESERVE_BYTES
@@ -912,7 +509,7 @@ class Verdict:
     ``max_batch``: most sequences of ``estimate.context`` tokens the KV pool holds;
     ``max_context``: longest sequence (capped by the model) at ``estimate.batch``;
     ``decode_tokens_per_s_bound``: one stream's memory-bandwidth upper bound
-    (``labhelpers.bench.roofline_tokens_per_s``) at the full context."""
+    (``labhelpers.roofline``) at the full context."""
 
     gpu: GpuSpec
     estimate: Estimate
@@ -941,7 +538,7 @@ class Verdict:
 
 def verdict(
     config: Any,
-    gpu_spec: str | GpuSpec,
+    gpu: str | GpuSpec,
     mode: str | Mode | None = None,
     *,
     group_size: int | None = None,
@@ -951,26 +548,28 @@ def verdict(
     kv_dtype: str = "auto",
     kv_fraction: float = KV_FRACTION,
     max_num_tokens: int | None = None,
-    runtime: str = "tensorrt-llm",
     backend: str = "engine",
     name: str | None = None,
 ) -> Verdict:
     """Does ``config`` in ``mode`` fit ``tp`` × ``gpu_spec`` for ``batch`` × ``context``?
 
-    Raises :class:`UnsupportedModeError` (mode/GPU/backend rules, see :func:`problems`),
+    Raises :class:`SizingError` (mode/GPU/backend rules, see :func:`problems`; unknown GPU),
     :class:`DoesNotFitError` when not even one sequence of ``context`` tokens fits (its
     ``suggestions`` name the tensor-parallel sizes, smaller modes, shorter contexts or
-    smaller KV types that would), :class:`UnknownGpuError` for an unknown GPU name.
+    smaller KV types that would).
     Otherwise returns a :class:`Verdict` with ``fits`` for the requested batch and the
     largest batch / context that fit. Used by notebook 04_tensorrt_llm."""
-    spec = gpu(gpu_spec)
-    shape = config if isinstance(config, ModelShape) else ModelShape.from_config(config, name)
+    try:
+        spec = gpu_spec(gpu)
+    except ValueError as exc:
+        raise SizingError(str(exc)) from None
+    shape = config if isinstance(config, ModelShape) else shape_of(config, name)
     m = mode_of(shape).with_group_size(group_size) if mode is None else get_mode(mode, group_size)
     if not 0 < kv_fraction <= 1:
         raise SizingError(f"kv_fraction must be in (0, 1], got {kv_fraction}")
-    found = problems(shape, m, spec, tp=tp, kv_dtype=kv_dtype, runtime=runtime, backend=backend)
+    found = problems(shape, m, spec, tp=tp, kv_dtype=kv_dtype, backend=backend)
     if found:
-        raise UnsupportedModeError(f"{shape.name} as {m.label} on {spec.name}: " + "; ".join(found))
+        raise SizingError(f"{shape.name} as {m.label} on {spec.name}: " + "; ".join(found))
     est = estimate(
         shape,
         m,
@@ -985,9 +584,7 @@ def verdict(
     if result.max_batch == 0:
         raise DoesNotFitError(
             _no_fit_message(spec, est, result),
-            _suggestions(
-                shape, m, spec, est, kv_fraction=kv_fraction, runtime=runtime, backend=backend
-            ),
+            _suggestions(shape, m, spec, est, kv_fraction=kv_fraction, backend=backend),
         )
     return result
 
@@ -1003,10 +600,8 @@ def _fit(spec: GpuSpec, est: Estimate, shape: ModelShape, kv_fraction: float) ->
     fits = est.kv_bytes <= budget
     bound = None
     if spec.bandwidth_gbps:
-        from labhelpers.bench import roofline_tokens_per_s
-
         per_token = est.weight_bytes + est.kv_bytes_per_token * est.context
-        bound = roofline_tokens_per_s(spec.bandwidth_gbps * 1e9, per_token)
+        bound = roofline_tokens_per_s(spec.bandwidth_gbps, per_token)
     where = f"{est.tp} × {spec.name}" if est.tp > 1 else spec.name
     if fits:
         summary = (
@@ -1043,13 +638,12 @@ def _suggestions(
     est: Estimate,
     *,
     kv_fraction: float,
-    runtime: str,
     backend: str,
 ) -> list[str]:
     out: list[str] = []
 
     def try_fit(m: Mode, tp: int, kv_dtype: str, context: int) -> Verdict | None:
-        if problems(shape, m, spec, tp=tp, kv_dtype=kv_dtype, runtime=runtime, backend=backend):
+        if problems(shape, m, spec, tp=tp, kv_dtype=kv_dtype, backend=backend):
             return None
         try:
             e = estimate(
@@ -1098,14 +692,13 @@ def _suggestions(
 def table(
     config: Any,
     *,
-    gpu_spec: str | GpuSpec | None = None,
+    gpu: str | GpuSpec | None = None,
     modes: Iterable[str | Mode] | None = None,
     batch: int = 1,
     context: int | None = None,
     tp: int = 1,
     kv_dtype: str = "auto",
     kv_fraction: float = KV_FRACTION,
-    runtime: str = "tensorrt-llm",
     backend: str = "engine",
     name: str | None = None,
 ) -> list[dict[str, Any]]:
@@ -1113,8 +706,8 @@ def table(
     GPU, ``status`` ("fits", "too big: ...", "unsupported: ...") and the largest batch /
     context. Never raises for a mode that cannot run; bad configs still raise. Notebook 04
     shows it with ``pandas.DataFrame(rows)``."""
-    shape = config if isinstance(config, ModelShape) else ModelShape.from_config(config, name)
-    spec = None if gpu_spec is None else gpu(gpu_spec)
+    shape = config if isinstance(config, ModelShape) else shape_of(config, name)
+    spec = None if gpu is None else gpu_spec(gpu)
     rows = []
     for mode in MODES.values() if modes is None else modes:
         m = get_mode(mode)
@@ -1123,9 +716,7 @@ def table(
         )
         row = est.as_row()
         if spec is not None:
-            found = problems(
-                shape, m, spec, tp=tp, kv_dtype=kv_dtype, runtime=runtime, backend=backend
-            )
+            found = problems(shape, m, spec, tp=tp, kv_dtype=kv_dtype, backend=backend)
             if found:
                 row |= {"gpu": spec.name, "status": "unsupported: " + "; ".join(found)}
             else:

@@ -1,16 +1,54 @@
-"""Shared fixtures: every test gets its own course cache unless it asks for the real one."""
+"""Shared fixtures and the test policy.
+
+Markers (registered in pyproject.toml): ``slow`` loads a model, imports a serving engine or runs
+a notebook-sized job; ``integration`` runs ./course, JupyterLab, a browser, a real server engine
+or another course environment; ``gpu`` needs CUDA and is skipped here with the reason
+``machine.gpu_status()`` gives. ``pytest -m "not slow and not integration" tests`` is the quick
+run; plain ``pytest tests`` runs everything.
+"""
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import sys
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))  # set-up commands
 
 # tests/ipex/ needs the IPEX-LLM environment (transformers 4.37); the core run starts it there
 # (tests/test_ipex_env.py).
 collect_ignore = [] if importlib.util.find_spec("ipex_llm") else ["ipex"]
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def require(condition: object, reason: str) -> None:
+    """The policy for tests that need something set-up provides (chromium, a course kernel, a
+    built stand-in): skip with ``reason`` when it is missing, but fail under ``CI=true``,
+    where set-up always runs, so such a test never goes missing silently."""
+    if condition:
+        return
+    _missing(reason)
+
+
+def _missing(reason: str) -> NoReturn:
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"{reason} (CI=true: this test must run in CI)")
+    pytest.skip(reason)
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    if item.get_closest_marker("gpu") is not None:
+        from labhelpers.machine import gpu_status
+
+        usable, reason = gpu_status()
+        if not usable:
+            pytest.skip(f"needs a CUDA GPU: {reason}")
 
 
 @pytest.fixture
@@ -23,6 +61,15 @@ def tmp_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.delenv("QWEN_LAB_OFFLINE", raising=False)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     return cache
+
+
+@pytest.fixture
+def standin_path() -> Path:
+    """The real ``standin`` model built by set-up (required: see :func:`require`)."""
+    from labhelpers import models
+
+    require(models.standin_built(models.STANDIN), "the stand-in is not built: run ./course setup")
+    return models.standin_dir(models.STANDIN)
 
 
 def write_fake_model(folder: Path, *, truncate: bool = False) -> Path:

@@ -13,6 +13,7 @@ except in CI (``CI=true``), where it fails: CI must never skip it silently.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -24,11 +25,12 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import pytest
+from conftest import require
 
-from labhelpers.env import kernel_python
+from labhelpers.envs import kernel_python
 from labhelpers.serve import Server, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -44,26 +46,19 @@ CHROMIUM_ARGS = [  # FINDINGS.md: "JupyterLab in a real browser"
     "--disable-component-update",
     "--disable-sync",
 ]
-# Rows of env.collect_report().to_markdown(), the first output of notebook 00.
+# Rows of machine.collect_report().to_markdown(), the first output of notebook 00.
 REPORT_TEXT = ("ISA flags of interest", "torch.cuda.is_available()")
 PROMPT_DONE = re.compile(r"^\[\d+\]:$")
 TIMEOUT_MS = 60_000
 
 
-def _unavailable(reason: str) -> NoReturn:
-    """Skip with the reason; in CI fail instead, so the browser test never goes missing."""
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"{reason} (CI=true: the browser test must run in CI)")
-    pytest.skip(reason)
-
-
 def _chromium() -> str:
     path = shutil.which("chromium") or "/usr/bin/chromium"
-    if not Path(path).is_file():
-        _unavailable(
-            "Debian's chromium is not installed: sudo apt-get install -y chromium "
-            "(./course test installs it when run as root)"
-        )
+    require(
+        Path(path).is_file(),
+        "Debian's chromium is not installed: sudo apt-get install -y chromium "
+        "(./course test installs it when run as root)",
+    )
     return path
 
 
@@ -72,8 +67,9 @@ def _kernel(notebook: dict[str, Any]) -> tuple[str, str]:
     from jupyter_client.kernelspec import KernelSpecManager
 
     name = notebook["metadata"]["kernelspec"]["name"]
-    if kernel_python(name) is None:
-        _unavailable(f"Jupyter kernel '{name}' is missing or broken: run ./course setup")
+    require(
+        kernel_python(name), f"Jupyter kernel '{name}' is missing or broken: run ./course setup"
+    )
     return name, KernelSpecManager().get_kernel_spec(name).display_name
 
 
@@ -163,12 +159,15 @@ def jupyterlab(tmp_path: Path, notebook: Path) -> Iterator[tuple[Server, str, Pa
     assert not alive, f"processes left behind by JupyterLab: {[p.pid for p in alive]}"
 
 
+@pytest.mark.integration
 def test_notebook_00_runs_all_cells_in_jupyterlab_in_chromium(tmp_path: Path) -> None:
     chromium = _chromium()
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        _unavailable("Playwright's Python package is not installed (it is in core-cpu.txt)")
+    require(
+        importlib.util.find_spec("playwright"),
+        "Playwright's Python package is not installed (it is in core-cpu.txt)",
+    )
+    from playwright.sync_api import sync_playwright
+
     notebook = json.loads(NOTEBOOK.read_text(encoding="utf-8"))
     kernel, display_name = _kernel(notebook)
     code_cells = sum(c["cell_type"] == "code" for c in notebook["cells"])
@@ -231,12 +230,3 @@ def test_notebook_00_runs_all_cells_in_jupyterlab_in_chromium(tmp_path: Path) ->
     assert not errors, f"cells raised: {[(e['ename'], e['evalue']) for e in errors]}"
     assert SCREENSHOT.stat().st_size > 10_000
     print(f"JupyterLab + chromium: {code_cells} cells ran in {time.monotonic() - started:.1f} s")
-
-
-def test_missing_browser_skips_locally_but_fails_in_ci(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("CI", raising=False)
-    with pytest.raises(pytest.skip.Exception, match="chromium"):
-        _unavailable("chromium is missing")
-    monkeypatch.setenv("CI", "true")
-    with pytest.raises(pytest.fail.Exception, match="must run in CI"):
-        _unavailable("chromium is missing")

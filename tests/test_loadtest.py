@@ -51,7 +51,8 @@ def test_summarize_counts_tokens_over_wall_time_and_ignores_failures():
     assert level.e2e_p50_s == pytest.approx(2.0)  # e2e 2.0, 4.0, 1.0
     assert level.e2e_p95_s == pytest.approx(2.0 + 0.9 * 2.0)
     assert level.per_request_tokens_per_s_p50 == pytest.approx(10.0)  # 10, 10, 10
-    assert level.error_samples == ["APIConnectionError: Connection error."]
+    assert level.first_error == "APIConnectionError: Connection error."
+    assert len(level.records) == 4
     row = level.as_row()
     assert row["first_error"].startswith("APIConnectionError") and "records" not in row
 
@@ -61,7 +62,7 @@ def test_summarize_with_explicit_wall_time_and_all_failed():
     level = loadtest.summarize(1, failed, wall_s=1.5)
     assert level.wall_s == 1.5 and level.ok == 0 and level.errors == 3
     assert level.aggregate_tokens_per_s is None and level.ttft_p50_s is None
-    assert level.error_samples == ["X: boom"], "repeated errors are listed once"
+    assert level.first_error == "X: boom"
     empty = loadtest.summarize(4, [])
     assert empty.requests == 0 and empty.wall_s == 0.0
 
@@ -83,7 +84,9 @@ def test_levels_are_bounded():
     with pytest.raises(ValueError, match="concurrency"):
         asyncio.run(loadtest.run_level(None, "m", 0, 1))
     with pytest.raises(ValueError, match="requests"):
-        asyncio.run(loadtest.run_level(None, "m", 1, loadtest.MAX_REQUESTS_PER_LEVEL + 1))
+        asyncio.run(loadtest.run_level(None, "m", 1, 257))
+    with pytest.raises(ValueError, match="prompts"):
+        asyncio.run(loadtest.run_level(None, "m", 1, 1, prompts=()))
 
 
 # --------------------------------------------------------------------------------------
@@ -136,8 +139,8 @@ def test_failed_requests_are_counted_not_raised(fake: serve.Server):
     (level,) = loadtest.sweep(
         fake.openai_base_url, "no-such-model", [2], warmup_requests=0, log=None
     )
-    assert level.errors == 4 and level.ok == 0
-    assert level.error_samples[0].startswith("NotFoundError")
+    assert level.errors == 4 and level.ok == 0 and level.aggregate_tokens_per_s is None
+    assert level.first_error.startswith("NotFoundError")
 
 
 def test_level_budget_stops_starting_requests(fake: serve.Server):

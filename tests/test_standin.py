@@ -1,12 +1,18 @@
-"""labhelpers.standin: the offline stand-in models (real GGUF, real conversion)."""
+"""tools/standin.py: the offline stand-in models (the real GGUF, the real conversion, the
+folders set-up built)."""
 
 from __future__ import annotations
 
+import importlib
 import json
+from pathlib import Path
 
 import pytest
+from conftest import require
 
-from labhelpers import models, standin
+from labhelpers import models
+
+standin = importlib.import_module("standin")  # tools/standin.py (conftest puts tools/ on sys.path)
 
 torch = pytest.importorskip("torch")
 
@@ -16,6 +22,7 @@ def original():
     return standin.load_original(torch.float32)
 
 
+@pytest.mark.slow
 def test_qwen2_copy_has_exactly_the_llama_logits(original):
     llama, tokenizer = original
     qwen = standin.llama_to_qwen2(llama)
@@ -31,6 +38,7 @@ def test_qwen2_copy_has_exactly_the_llama_logits(original):
     assert float((a - b).abs().max()) == 0.0
 
 
+@pytest.mark.slow
 def test_conversion_rejects_a_mismatched_model(original):
     llama, _ = original
     broken = type(llama)(llama.config)
@@ -40,16 +48,16 @@ def test_conversion_rejects_a_mismatched_model(original):
         standin.llama_to_qwen2(broken)
 
 
-def test_built_standin_is_labelled_and_answers():
+@pytest.mark.slow
+def test_built_standin_is_labelled_and_answers(standin_path: Path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = standin.build_standin()  # built by set-up; idempotent
-    assert standin.is_built(standin.STANDIN)
-    models.validate_model_dir(path)
-    assert "NOT QWEN" in (path / "README.md").read_text()
-    config = json.loads((path / "config.json").read_text())
+    models.validate_model_dir(standin_path)
+    assert models.is_standin(standin_path)
+    assert "NOT QWEN" in (standin_path / "README.md").read_text()
+    config = json.loads((standin_path / "config.json").read_text())
     assert config["architectures"] == ["Qwen2ForCausalLM"] and config["dtype"] == "bfloat16"
-    tok = AutoTokenizer.from_pretrained(path)
+    tok = AutoTokenizer.from_pretrained(standin_path)
     prompt = tok.apply_chat_template(
         [{"role": "user", "content": "What is the capital of France?"}],
         tokenize=False,
@@ -57,39 +65,55 @@ def test_built_standin_is_labelled_and_answers():
     )
     assert prompt.startswith("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n")
     assert prompt.endswith("<|im_start|>assistant\n")
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(standin_path, dtype=torch.float32)
     inputs = tok(prompt, return_tensors="pt")
     out = model.generate(**inputs, max_new_tokens=12, do_sample=False)
-    answer = tok.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
-    assert "Paris" in answer
+    assert "Paris" in tok.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
 
 
+@pytest.mark.slow
 def test_gptq_standin_is_a_standard_gptq_checkpoint():
-    path = standin.standin_dir(standin.STANDIN_GPTQ)
-    if not standin.is_built(standin.STANDIN_GPTQ):
-        pytest.skip("standin-gptq-int4 not built: run ./course setup (takes ~3 min)")
+    require(
+        models.standin_built(models.STANDIN_GPTQ),
+        "standin-gptq-int4 is not built: run ./course setup",
+    )
+    path = models.standin_dir(models.STANDIN_GPTQ)
     models.validate_model_dir(path)
     qcfg = json.loads((path / "config.json").read_text())["quantization_config"]
     assert qcfg["quant_method"] == "gptq" and qcfg["bits"] == 4 and qcfg["group_size"] == 64
     assert qcfg["sym"] is True and qcfg["desc_act"] is False
     assert qcfg.get("checkpoint_format", "gptq") == "gptq"
-    from safetensors import safe_open
-
-    names = set()
-    for file in path.glob("*.safetensors"):
-        with safe_open(str(file), "pt") as f:
-            names |= set(f.keys())
-    assert "model.layers.0.self_attn.q_proj.qweight" in names
-    assert "model.layers.0.self_attn.q_proj.scales" in names
+    tensors = models.safetensors_tensors(path)
+    assert tensors["model.layers.0.self_attn.q_proj.qweight"][0] == "I32"
+    assert tensors["model.layers.0.self_attn.q_proj.scales"][0] == "F16"
+    assert tensors["model.norm.weight"][0] == "BF16", "unquantized tensors stored in bf16"
     assert "NOT QWEN" in (path / "README.md").read_text()
 
 
-def test_unknown_standin_name():
-    with pytest.raises(ValueError, match="unknown stand-in"):
-        standin.standin_dir("qwen")
+@pytest.mark.slow
+def test_building_again_is_a_no_op(standin_path: Path, capsys):
+    require(
+        models.standin_built(models.STANDIN_GPTQ),
+        "standin-gptq-int4 is not built: run ./course setup",
+    )
+    stamps = {
+        n: (models.standin_dir(n) / models.STANDIN_STAMP).stat().st_mtime_ns
+        for n in (models.STANDIN, models.STANDIN_GPTQ)
+    }
+    assert standin.main([]) == 0
+    out = capsys.readouterr().out
+    assert (
+        f"✓ {models.STANDIN} already built" in out
+        and f"✓ {models.STANDIN_GPTQ} already built" in out
+    )
+    assert stamps == {
+        n: (models.standin_dir(n) / models.STANDIN_STAMP).stat().st_mtime_ns for n in stamps
+    }
 
 
-def test_missing_gguf_package_gives_setup_hint(monkeypatch):
+def test_missing_gguf_package_gives_setup_hint(monkeypatch, tmp_cache: Path):
     monkeypatch.setattr(standin, "GGUF_PACKAGE", "no_such_package_xyz")
     with pytest.raises(standin.StandinError, match="./course setup"):
         standin.gguf_source()
+    assert standin.main(["--only", "standin"]) == 1, "a clear error, not a traceback"
+    assert not models.standin_dir(models.STANDIN).exists()

@@ -1,11 +1,6 @@
-"""What the comparison table of notebook 06_which_backend says: the recommendation, computed
-from the numbers (:func:`recommend`), and the charts (:func:`plot_comparison`).
-
-Both take the table's rows (dicts, or a pandas DataFrame from
-:meth:`labhelpers.compare.Comparison.table`) and work on any subset: skipped backends,
-missing columns and ties are part of the contract (tests/test_compare.py). Importing this
-module is instant; matplotlib is imported inside the chart function.
-"""
+"""Advice from notebook 06's table: the recommendation computed from the numbers
+(:func:`recommend`) and the charts (:func:`plot_comparison`). Both take the rows (dicts or a
+DataFrame) and work on any subset: skipped backends, missing columns and ties included."""
 
 from __future__ import annotations
 
@@ -13,35 +8,26 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from labhelpers.envs import jsonable
+
 #: Quality references for the perplexity cost, in order of preference.
 REFERENCES = ("transformers-fp32", "transformers-bf16", "vllm-bf16")
 
 
 def number(value: Any) -> float | None:
-    """A finite number, else None (NaN from pandas, None, strings) (notebook 06)."""
+    """A finite number, else None (NaN from pandas, None, strings)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
     return float(value) if math.isfinite(value) else None
 
 
 def as_records(table: Any) -> list[dict[str, Any]]:
-    """Rows as plain dicts, NaN turned into None (accepts a DataFrame or dicts) (notebook 06)."""
-    if hasattr(table, "to_dict"):
-        table = table.to_dict("records")
-    rows = []
-    for row in table:
-        rows.append(
-            {
-                k: (None if isinstance(v, float) and not math.isfinite(v) else v)
-                for k, v in row.items()
-            }
-        )
-    return rows
+    """Rows as plain dicts, NaN turned into None (a DataFrame or dicts)."""
+    return jsonable(table.to_dict("records") if hasattr(table, "to_dict") else list(table))
 
 
 def reference(rows: Iterable[Mapping[str, Any]]) -> Mapping[str, Any] | None:
-    """The quality reference: the first of :data:`REFERENCES` that has a perplexity.
-    Used by notebook 06_which_backend."""
+    """The quality reference: the first of :data:`REFERENCES` that has a perplexity."""
     by_name = {r.get("backend"): r for r in rows if number(r.get("perplexity"))}
     return next((by_name[n] for n in REFERENCES if n in by_name), None)
 
@@ -216,7 +202,7 @@ def plot_comparison(
 ) -> Any:
     """Three panels (notebook 06): decode tokens/s against peak memory (up and to the left
     is better), aggregate tokens/s against concurrency, and perplexity. ``table``: the
-    rows (or a :class:`labhelpers.compare.Comparison`, whose sweep and title are used);
+    rows (or a ``Comparison``, whose sweep and title are used);
     ``sweep``: rows with backend, concurrency, aggregate_tok_s. Returns the Figure."""
     import matplotlib.pyplot as plt
 
@@ -282,6 +268,3 @@ def plot_comparison(
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     return fig
-
-
-__all__ = ["REFERENCES", "as_records", "number", "plot_comparison", "recommend", "reference"]

