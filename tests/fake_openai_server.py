@@ -3,6 +3,8 @@
 Standard library only; starts in well under a second. Serves GET /health, GET /v1/models
 and POST /v1/chat/completions (JSON or server-sent events with a final usage chunk). Each
 answer is ``max_tokens`` words ("tok0 tok1 ..."), one every ``--token-delay`` seconds.
+GET /debug/last-request returns the JSON body of the last chat request (null before the
+first), so a test can check what a client really sent (tests/test_apps.py).
 
 Modes (``--mode``), to exercise failure handling:
   ok            serve normally
@@ -48,6 +50,7 @@ def main() -> None:
         )
         print(f"worker pid {child.pid}", flush=True)
     time.sleep(args.startup_delay)
+    last_request: list[object] = [None]
 
     class Handler(BaseHTTPRequestHandler):
         def log_message(self, fmt: str, *a: object) -> None:
@@ -77,6 +80,8 @@ def main() -> None:
                     self.send_response(200)
                     self.send_header("Content-Length", "0")
                     self.end_headers()
+            elif self.path == "/debug/last-request":
+                self._json(200, last_request[0])
             elif not self._authorized():
                 self._error(401, "Unauthorized")
             elif self.path == "/v1/models":
@@ -94,6 +99,7 @@ def main() -> None:
                 body = json.loads(raw)
             except ValueError as exc:
                 return self._error(400, f"JSON decode error: {exc}")
+            last_request[0] = body
             if not isinstance(body.get("messages"), list):
                 return self._error(400, "messages: Input should be a valid list")
             if body.get("model") != MODEL:
