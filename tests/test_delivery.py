@@ -292,7 +292,7 @@ def test_environment_yml_lists_the_steps_course_runs_after_the_pins() -> None:
     assert '--no-deps -r "$ROOT/requirements/offline-standin.txt"' in COURSE
     assert "pip install --no-deps -r requirements/offline-standin.txt" in steps_listed
     assert '--no-deps -e "$ROOT"' in COURSE
-    assert steps_listed.count("pip install --no-deps -e .") == 2  # core and IPEX-LLM envs
+    assert steps_listed.count("pip install --no-deps -e .") == 3  # core, IPEX-LLM, OpenVINO envs
     assert '"$CORE/bin/python" -m labhelpers.standin' in COURSE
     assert "python -m labhelpers.standin" in steps_listed
     registered = dict(
@@ -300,10 +300,12 @@ def test_environment_yml_lists_the_steps_course_runs_after_the_pins() -> None:
     )
     assert registered == course_kernels(), "same kernel names and display names as ./course"
     assert set(notebook_kernels().values()) <= set(registered)
-    ipex_req = re.search(
-        r'setup_ipex\(\) \{.*?req="\$ROOT/(requirements/[\w-]+\.txt)"', COURSE, re.S
-    )
-    assert ipex_req and f"-r {ipex_req[1]}" in text
+    for setup in ("setup_ipex", "setup_openvino"):
+        req = re.search(setup + r'\(\) \{.*?req="\$ROOT/(requirements/[\w-]+\.txt)"', COURSE, re.S)
+        assert req and f"-r {req[1]}" in text, setup
+    assert "-r requirements/llama-cpp.txt" in text and "LLAMA_CPP_CMAKE_ARGS" in COURSE
+    cmake_args = re.search(r'^LLAMA_CPP_CMAKE_ARGS="([^"]+)"', COURSE, re.M)
+    assert cmake_args and f'CMAKE_ARGS="{cmake_args[1]}"' in text, "the same CMake options"
 
 
 def test_binder_runs_the_course_set_up_with_the_same_python() -> None:

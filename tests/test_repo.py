@@ -13,13 +13,15 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
-KERNELS = {"qwen-lab-core", "qwen-lab-trtllm", "qwen-lab-ipex"}  # the kernels ./course registers
+# the kernels ./course registers
+KERNELS = {"qwen-lab-core", "qwen-lab-trtllm", "qwen-lab-ipex", "qwen-lab-openvino"}
 
 
 def test_there_are_numbered_notebooks():
     names = [p.name for p in NOTEBOOKS]
     assert names[:2] == ["00_env_check.ipynb", "01_gptq_inference.ipynb"]
-    assert all(re.fullmatch(r"\d\d_[a-z0-9_]+\.ipynb", n) for n in names)
+    # a letter after the number marks a companion notebook (07b follows 07)
+    assert all(re.fullmatch(r"\d\d[a-z]?_[a-z0-9_]+\.ipynb", n) for n in names)
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
