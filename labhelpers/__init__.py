@@ -14,6 +14,7 @@ bench around them. One noun per module; a module imports only modules above it i
     roofline   memory bandwidth and the decode roofline                              (00-07)
     gptq       calibration data, checks before a run, RTN, GPTQModel on a CPU        (02)
     ipex       IPEX-LLM: transformers-4.37 copy, formats, kernels, measure a format  (03, 06)
+    gguf       llama.cpp's GGUF files: checks, convert, quantize                     (07)
     serve      start/stop OpenAI-compatible servers; vLLM command lines              (04-09)
     loadtest   concurrent streamed requests, percentiles, sweep plot                 (05, 07)
     sizing     TensorRT-LLM memory/feasibility from config.json                      (04, 05)

@@ -14,7 +14,8 @@ from conftest import require
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
-KERNELS = {"qwen-lab-core", "qwen-lab-trtllm", "qwen-lab-ipex"}  # the kernels ./course registers
+# the kernels ./course registers
+KERNELS = {"qwen-lab-core", "qwen-lab-trtllm", "qwen-lab-ipex", "qwen-lab-openvino"}
 
 
 def test_notebooks_are_numbered_without_gaps():
