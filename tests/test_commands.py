@@ -1,8 +1,9 @@
-"""Every tool a notebook or labhelpers runs comes from the running environment: a Jupyter kernel
-need not have its venv's bin/ on PATH (and a bare ``python`` there may be another interpreter),
-so commands start with ``sys.executable``, ``Path(sys.executable).parent / "tool"`` or a
-path, never a bare ``python``, ``vllm``, ``trtllm-build``, ``trtllm-serve``, ``pip`` or
-``jupyter``. Documentation (markdown, docstrings, printed text) may show the short form."""
+"""Every tool that notebooks, labhelpers, tools/ and apps/ run comes from the running
+environment: a Jupyter kernel need not have its venv's bin/ on PATH (and a bare ``python``
+there may be another interpreter), so commands start with ``sys.executable``,
+``Path(sys.executable).parent / "tool"`` or a path, never a bare ``python``, ``vllm``,
+``trtllm-build``, ``trtllm-serve``, ``pip`` or ``jupyter``. Documentation (markdown,
+docstrings, printed or joined text) may show the short form."""
 
 from __future__ import annotations
 
@@ -91,7 +92,8 @@ def notebook_cells(nb: dict) -> list[tuple[int, str, str]]:
 
 
 def sources() -> list[tuple[str, str, str]]:
-    files = sorted((ROOT / "labhelpers").rglob("*.py")) + sorted((ROOT / "tools").glob("*.py"))
+    files = sorted((ROOT / "labhelpers").rglob("*.py"))
+    files += sorted((ROOT / "tools").glob("*.py")) + sorted((ROOT / "apps").glob("*.py"))
     found = [(str(p.relative_to(ROOT)), "python", p.read_text(encoding="utf-8")) for p in files]
     for nb in sorted((ROOT / "notebooks").glob("*.ipynb")):
         cells = notebook_cells(json.loads(nb.read_text(encoding="utf-8")))
@@ -99,7 +101,7 @@ def sources() -> list[tuple[str, str, str]]:
     return found
 
 
-def test_no_bare_commands_in_notebooks_labhelpers_and_tools() -> None:
+def test_no_bare_commands_in_notebooks_labhelpers_tools_and_apps() -> None:
     bad = []
     for where, kind, text in sources():
         if kind == "shell":

@@ -98,3 +98,13 @@ def test_the_dry_run_builds_quantizes_and_measures_on_the_cpu(tmp_path: Path) ->
         "| 5 | GPTQ quantize (GPTQModel) | cuda | SKIPPED |" in (tmp_path / "report.md").read_text()
     )
     assert not list(tmp_path.glob("logs")), "GPTQModel's ./logs stay in the work folder"
+
+
+def test_the_gpu_workflow_runs_the_smoke_check_after_set_up_before_the_gpu_tests() -> None:
+    text = (ROOT / ".github" / "workflows" / "gpu.yml").read_text(encoding="utf-8")
+    setup, check = (
+        text.index("run: ./course setup --gpu"),
+        text.index("./course gpu-check --markdown"),
+    )
+    assert setup < check < text.index("-m pytest -m gpu"), "set-up, smoke check, GPU unit tests"
+    assert '>> "$GITHUB_STEP_SUMMARY"' in text[check:], "the report table lands in the job summary"
