@@ -47,6 +47,12 @@ def test_steps_report_ok_failed_and_skipped_with_reasons(tmp_path: Path, capfd) 
     assert table[-1].startswith("1 ok, 1 failed, 2 skipped")
 
 
+def test_steps_after_the_timeout_are_skipped(tmp_path: Path) -> None:
+    report = gpu_check.Report(tmp_path / "check.log", timeout_s=0)
+    late = report.run("late", "cuda", lambda: "never")
+    assert late.status == "skipped" and late.detail == "the check ran past --timeout 0 s"
+
+
 def test_the_minimal_tokenizer_needs_no_files_and_speaks_chatml() -> None:
     tok = gpu_check.minimal_tokenizer()
     text = tok.apply_chat_template(

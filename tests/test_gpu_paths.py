@@ -132,3 +132,22 @@ def test_describe_machine_takes_the_gpus_bandwidth_on_a_gpu(
     assert described["bandwidth_gbps"] == (4000.0 if gpu else 20.0)
     assert described["gpu_datasheet_gbps"] == (4800.0 if gpu else None)
     assert described["bandwidth_threads"] == (None if gpu else 1)
+
+
+def test_notebook_05_frees_cuda_memory_and_checks_it_before_vllm_starts_in_the_kernel() -> None:
+    """On a GPU the transformers baseline leaves the caching allocator holding its memory;
+    vLLM's start-up check (free >= utilization x total) would then refuse."""
+    nb = json.loads((ROOT / "notebooks" / "05_vllm_serving.ipynb").read_text(encoding="utf-8"))
+    code = ["".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code"]
+    loads = [i for i, c in enumerate(code) if "AutoModelForCausalLM.from_pretrained" in c]
+    engine = next(i for i, c in enumerate(code) if "LLM(model=" in c)
+    freed = [i for i, c in enumerate(code) if "torch.cuda.empty_cache()" in c]
+    assert loads and freed and max(loads) <= min(freed) < engine
+    cell = code[engine]
+    assert "serve.check_gpu_memory(" in cell
+    assert cell.index("serve.check_gpu_memory(") < cell.index("LLM(model=")
+    flags = next(c for c in code if "FLAGS = dict(" in c and "ON_GPU" in c)
+    gpu_flags = flags[flags.index("if ON_GPU:") : flags.index("else:")]
+    assert "gpu_memory_utilization=" in gpu_flags, (
+        "the GPU servers pass --gpu-memory-utilization, so serve.vllm_server checks free memory"
+    )

@@ -42,6 +42,7 @@ import os
 import platform
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -95,9 +96,11 @@ class Step:
 class Report:
     """Runs the steps, prints one progress line each, keeps library output in a log."""
 
-    def __init__(self, log_path: Path) -> None:
+    def __init__(self, log_path: Path, timeout_s: float | None = None) -> None:
         self.steps: list[Step] = []
         self.log_path = log_path
+        self.timeout_s = timeout_s
+        self.deadline = None if timeout_s is None else time.monotonic() + timeout_s
 
     def skip(self, name: str, device: str, reason: str) -> Step:
         return self._add(Step(name, device, "skipped", detail=reason))
@@ -106,6 +109,8 @@ class Report:
         self, name: str, device: str, fn: Callable[[], str], *, needs: tuple[Step, ...] = ()
     ) -> Step:
         """Run ``fn`` (it returns the key numbers as text) unless a step it needs is not ok."""
+        if self.deadline is not None and time.monotonic() > self.deadline:
+            return self.skip(name, device, f"the check ran past --timeout {self.timeout_s:.0f} s")
         for dep in needs:
             if dep.status != "ok":
                 return self.skip(
@@ -127,9 +132,10 @@ class Report:
         self.steps.append(step)
         took = f" in {step.seconds:.1f} s" if step.seconds is not None else ""
         mark = {"ok": "✓ ok", "failed": "✗ FAILED", "skipped": "⏭  SKIPPED"}[step.status]
-        print(
-            f"{mark}: {step.name} ({step.device}){took}. {step.numbers or step.detail}", flush=True
-        )
+        text = step.numbers or step.detail
+        if len(text) > 1500:  # a compiler's error, say: the whole of it is in the log
+            text = f"{text[:1500]} … (the rest in {self.log_path})"
+        print(f"{mark}: {step.name} ({step.device}){took}. {text}", flush=True)
         return step
 
     def markdown(self, title: str) -> str:
@@ -281,6 +287,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument(
+        "--timeout",
+        type=float,
+        default=480,
+        help="seconds for the whole check (default 480); a step still running then fails, "
+        "the steps after it are skipped",
+    )
+    parser.add_argument(
         "--work-dir", help="where the models go (default: a temporary folder, removed)"
     )
     parser.add_argument("--markdown", help="also write the report table to this file")
@@ -300,7 +313,14 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="qwen-lab-gpu-check-"))
     work.mkdir(parents=True, exist_ok=True)
     log_path = Path(tempfile.gettempdir()) / f"qwen-lab-gpu-check-{os.getpid()}.log"
-    report = Report(log_path)
+    report = Report(log_path, args.timeout)
+    if hasattr(signal, "SIGALRM"):  # interrupt a step that hangs (a compiler, a kernel load)
+
+        def out_of_time(signum: int, frame: Any) -> None:
+            raise TimeoutError(f"the check ran past --timeout {args.timeout:.0f} s")
+
+        signal.signal(signal.SIGALRM, out_of_time)
+        signal.alarm(max(1, int(args.timeout)))
     lab, lab_where = load_labhelpers(args.without_labhelpers)
     s: dict[str, Any] = {}  # what the steps hand on to later steps
 
@@ -345,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
 
     env = report.run("environment", "-", environment)
     cuda = bool(s.get("cuda"))
-    no_cuda = s.get("why_no_cuda", "torch did not import")
+    no_cuda = s.get("why_no_cuda") or f"the environment step {env.status}: {env.detail}"
 
     # 2. tokenizer ----------------------------------------------------------------------------
     def tokenizer() -> str:
@@ -497,7 +517,18 @@ def main(argv: list[str] | None = None) -> int:
                 torch.cuda.reset_peak_memory_stats()
                 s["held"] = torch.cuda.memory_allocated()
             t0 = time.perf_counter()
-            model = AutoModelForCausalLM.from_pretrained(s["quant"], device_map=dev, dtype="auto")
+            try:
+                model = AutoModelForCausalLM.from_pretrained(
+                    s["quant"], device_map=dev, dtype="auto"
+                )
+            except Exception as exc:
+                if dev != "cuda":
+                    raise
+                raise CheckFailed(
+                    f"{type(exc).__name__}: {exc} -- on a GPU, GPTQModel compiles its Marlin "
+                    f"kernels at this first load with nvcc ({s['nvcc'] or 'none found'}; torch is "
+                    f"built for CUDA {torch.version.cuda}): ./course check says what to fix"
+                ) from exc
             load_s = time.perf_counter() - t0
             layer = type(model.model.layers[0].self_attn.q_proj)
             s["model"], s["kernel"] = model, layer.__name__
@@ -638,6 +669,8 @@ def main(argv: list[str] | None = None) -> int:
             report.run(nb01, tag, notebook01(dev), needs=(r,))
         s.pop("model", None)
 
+    if hasattr(signal, "SIGALRM"):
+        signal.alarm(0)
     when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     mode = f"GPU run on {s.get('gpu')}" if cuda else f"dry run on the CPU ({no_cuda})"
     text = report.markdown(f"qwen-deploy-lab GPU smoke check · {when} · {mode}")
