@@ -701,6 +701,7 @@ def table(
     kv_fraction: float = KV_FRACTION,
     backend: str = "engine",
     name: str | None = None,
+    max_num_tokens: int | None = None,
 ) -> list[dict[str, Any]]:
     """One row per mode (default: all of :data:`MODES`): the estimate in GiB and, with a
     GPU, ``status`` ("fits", "too big: ...", "unsupported: ...") and the largest batch /
@@ -711,9 +712,8 @@ def table(
     rows = []
     for mode in MODES.values() if modes is None else modes:
         m = get_mode(mode)
-        est = estimate(
-            shape, m, batch=batch, context=context, tp=tp, kv_dtype=kv_dtype, backend=backend
-        )
+        est = estimate(shape, m, batch=batch, context=context, tp=tp, kv_dtype=kv_dtype,
+                       backend=backend, max_num_tokens=max_num_tokens)  # fmt: skip
         row = est.as_row()
         if spec is not None:
             found = problems(shape, m, spec, tp=tp, kv_dtype=kv_dtype, backend=backend)

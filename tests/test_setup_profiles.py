@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import json
 import os
@@ -551,7 +552,8 @@ def test_notebook_vllm_flags_parse_with_each_gpu_profiles_vllm(requirements: str
     )
     module = serve.vllm_server("/models/qwen", port=8001, max_model_len=4096,
                                gpu_memory_utilization=0.85, env={})  # fmt: skip
-    assert cli.argv[:2] == ["vllm", "serve"] and module.argv[1:3] == [
+    assert cli.argv[:2] == [str(Path(sys.executable).parent / "vllm"), "serve"]
+    assert module.argv[1:3] == [
         "-m",
         "vllm.entrypoints.openai.api_server",
     ]
@@ -587,6 +589,14 @@ def test_notebook_vllm_flags_parse_with_each_gpu_profiles_vllm(requirements: str
         not_vllm = {"--query-gpu", "--format"}  # nvidia-smi flags in notebook 05
         missing = sorted(flags - set(result["known"]) - not_vllm)
         assert not missing, f"notebook 05 shows flags vLLM {version} does not have: {missing}"
+        # the start-up errors notebook 05 quotes (and checks in the installed vLLM) are this
+        # version's too, so that cell also passes on the profile's GPU machines
+        listed = re.search(r"fragments = (\[.*?\])\n", text, re.S)
+        assert listed, "notebook 05 lists the error messages it checks"
+        fragments = ast.literal_eval(listed.group(1))
+        sources = [p.read_text(errors="replace") for p in (target / "vllm").rglob("*.py")]
+        absent = [f for f in fragments if not any(f in s for s in sources)]
+        assert not absent, f"notebook 05 checks messages vLLM {version} does not have: {absent}"
 
 
 # --------------------------------------------------------------------------------------

@@ -434,6 +434,30 @@ def test_serve_commands_use_only_verified_flags_and_loopback():
         assert argv[argv.index("--host") + 1] == "127.0.0.1"
 
 
+@pytest.mark.parametrize("mode", list(sizing.MODES))
+def test_pytorch_route_commands_use_only_verified_flags(mode):
+    """The route that stays after 1.2: serve a Hugging Face checkpoint, after a ModelOpt
+    export for fp8/AWQ; GPTQ, weight-only int8 and SmoothQuant have no PyTorch-backend route."""
+    build = _command_builders()["pytorch_commands"]
+    for kv in ("auto", "int8", "fp8"):
+        if mode not in sizing.PYTORCH_BACKEND_MODES or kv == "int8":
+            with pytest.raises(ValueError, match="engine route"):
+                build("./model", mode, kv_cache=kv)
+            continue
+        steps = build("./model", mode, kv_cache=kv, tp=2, max_num_tokens=2048)
+        assert [_check(argv) for argv in steps.values()][-1] == "trtllm-serve"
+        serve = steps["serve"]
+        assert serve[serve.index("--backend") + 1] == "pytorch" and "--tokenizer" not in serve
+        assert serve[serve.index("--max_num_tokens") + 1] == "2048"
+        if mode in ("bf16", "fp16") and kv == "auto":
+            assert list(steps) == ["serve"] and serve[1] == "./model", "no conversion, no build"
+        else:
+            quantize = steps["quantize"]
+            assert _check(quantize) == "quantize.py"
+            assert quantize[quantize.index("--export_format") + 1] == "hf"
+            assert serve[1] == quantize[quantize.index("--output_dir") + 1]
+
+
 def test_notebook_code_cells_compile_and_use_verified_api_names():
     import ast
 
