@@ -1,11 +1,9 @@
 """The course's environments (one venv and Jupyter kernel per conflicting stack) and the one way
-to run a measurement in another of them, :func:`run_in_env` (notebooks 03 and 06)::
+to run a measurement in another of them (notebooks 03, 06): :func:`run_in_env` runs a job,
+``module:function`` plus JSON keyword arguments, in a fresh interpreter and returns its dict::
 
     row = envs.run_in_env(envs.kernel_python("qwen-lab-ipex", "ipex"),
                           "labhelpers.ipex:measure_format", model_dir=..., low_bit="sym_int4")
-
-A job is ``module:function`` plus JSON keyword arguments; the function runs in a fresh
-interpreter and returns a JSON-able dict.
 """
 
 from __future__ import annotations
@@ -76,16 +74,9 @@ def _kill_group(pid: int, sig: int = signal.SIGKILL) -> None:
         pass
 
 
-def run_in_env(
-    python: str | os.PathLike[str] | None,
-    function: str,
-    *,
-    timeout_s: float = 1800,
-    env: Mapping[str, str] | None = None,
-    log: Callable[[str], Any] = print,
-    name: str | None = None,
-    **kwargs: Any,
-) -> dict[str, Any]:
+def run_in_env(python: str | os.PathLike[str] | None, function: str, *, timeout_s: float = 1800,
+               env: Mapping[str, str] | None = None, log: Callable[[str], Any] = print,
+               name: str | None = None, **kwargs: Any) -> dict[str, Any]:  # fmt: skip
     """Run ``function`` ("module:function") with ``kwargs`` in a fresh ``python`` (default:
     this interpreter) and return the dict it returns.
 

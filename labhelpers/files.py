@@ -106,13 +106,8 @@ class _Switch(io.TextIOBase):
 
 
 @contextmanager
-def quiet_output(
-    log_path: str | os.PathLike[str],
-    *,
-    what: str,
-    every_s: float = 15.0,
-    status: Callable[[], str] | None = None,
-) -> Iterator[Path]:
+def quiet_output(log_path: str | os.PathLike[str], *, what: str, every_s: float = 15.0,
+                 status: Callable[[], str] | None = None) -> Iterator[Path]:  # fmt: skip
     """Send everything this process prints (file descriptors 1 and 2, so C extensions and child
     processes too) to ``log_path`` while the block runs, and print ``… still <what> (N s<status>)``
     every ``every_s`` seconds instead: for libraries that print megabytes (GPTQModel)."""

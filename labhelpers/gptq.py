@@ -93,13 +93,9 @@ def python_doc_conversations(
     return convs[:n]
 
 
-def build_calibration_set(
-    tokenizer: Any,
-    conversations: Sequence[_Conversation],
-    *,
-    max_length: int = 512,
-    min_tokens: int = 8,
-) -> list[dict[str, list[int]]]:
+def build_calibration_set(tokenizer: Any, conversations: Sequence[_Conversation], *,
+                          max_length: int = 512,
+                          min_tokens: int = 8) -> list[dict[str, list[int]]]:  # fmt: skip
     """Render each conversation with ``apply_chat_template(..., tokenize=False)``, tokenize with
     truncation to ``max_length`` and return GPTQ examples ``{"input_ids", "attention_mask"}``;
     conversations shorter than ``min_tokens`` are dropped."""

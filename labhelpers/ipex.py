@@ -1,9 +1,8 @@
-"""IPEX-LLM (BigDL-LLM's successor) on a CPU, for notebook 03 (kernel ``qwen-lab-ipex``) and
-notebook 06's IPEX-LLM row: a copy of a model its transformers 4.37 can read, the low-bit
-formats that work here, the kernel build it loaded, one format measured in a fresh process.
-Verified with ipex-llm 2.2.0 on a CPU: sym/asym_int4, sym/asym_int5, sym_int8 and woq_int4
-work; nf3/nf4/fp4/fp8 need an Intel GPU; the llama.cpp K-quants, fp6 and mixed_fp4 *abort the
-process* (GGML_ASSERT) when a layer width is not a multiple of 256.
+"""IPEX-LLM on a CPU (notebook 03, notebook 06's row): a model copy its transformers 4.37 reads,
+the low-bit formats that work, the kernel build it loaded, one format measured in a fresh
+process. Verified with ipex-llm 2.2.0: sym/asym_int4, sym/asym_int5, sym_int8 and woq_int4 work;
+nf3/nf4/fp4/fp8 need an Intel GPU; K-quants, fp6 and mixed_fp4 *abort the process* (GGML_ASSERT)
+when a layer width is not a multiple of 256.
 """
 
 from __future__ import annotations
@@ -83,12 +82,9 @@ def _adapt_tokenizer_json(tokenizer: dict[str, Any]) -> dict[str, Any]:
     return tokenizer | {"model": new_model | {"merges": [f"{a} {b}" for a, b in merges]}}
 
 
-def for_transformers_4_37(
-    model_dir: str | os.PathLike[str],
-    dest: str | os.PathLike[str] | None = None,
-    *,
-    log: Any = print,
-) -> Path:
+def for_transformers_4_37(model_dir: str | os.PathLike[str],
+                          dest: str | os.PathLike[str] | None = None, *,
+                          log: Any = print) -> Path:  # fmt: skip
     """A copy of ``model_dir`` that transformers 4.37 / tokenizers 0.15 can load, in
     ``<cache>/transformers-4.37/<name>``: config.json, tokenizer_config.json and tokenizer.json
     rewritten, weights linked (the original is never touched). Made once (atomically) and
@@ -342,14 +338,8 @@ def measure_format(
     return row
 
 
-def measure_format_in_env(
-    model_dir: str | os.PathLike[str],
-    low_bit: str,
-    *,
-    threads: int = 1,
-    log: Any = print,
-    **options: Any,
-) -> dict[str, Any]:
+def measure_format_in_env(model_dir: str | os.PathLike[str], low_bit: str, *, threads: int = 1,
+                          log: Any = print, **options: Any) -> dict[str, Any]:  # fmt: skip
     """:func:`measure_format` in the IPEX-LLM environment, each step in a fresh process so a
     format's peak RSS is its own and a crash cannot take the caller down: a low-bit format is
     converted and saved first (:func:`convert_format`), then loaded with load_low_bit and

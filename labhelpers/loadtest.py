@@ -145,21 +145,12 @@ async def _run_level(client: Any, model: str, concurrency: int, requests: int, *
     return _summarize(concurrency, records, time.perf_counter() - t0)
 
 
-def sweep(
-    base_url: str,
-    model: str,
-    concurrencies: Sequence[int] = (1, 2, 4, 8),
-    *,
-    requests_per_level: int | Callable[[int], int] = lambda c: 2 * c,
-    max_tokens: int = 64,
-    prompts: Sequence[str] = DEFAULT_PROMPTS,
-    api_key: str = "EMPTY",
-    warmup_requests: int = 1,
-    level_budget_s: float = 60,
-    request_timeout_s: float = 120,
-    log: Callable[[str], Any] | None = print,
-    **create_kwargs: Any,
-) -> list[LevelResult]:
+def sweep(base_url: str, model: str, concurrencies: Sequence[int] = (1, 2, 4, 8), *,
+          requests_per_level: int | Callable[[int], int] = lambda c: 2 * c, max_tokens: int = 64,
+          prompts: Sequence[str] = DEFAULT_PROMPTS, api_key: str = "EMPTY",
+          warmup_requests: int = 1, level_budget_s: float = 60, request_timeout_s: float = 120,
+          log: Callable[[str], Any] | None = print,
+          **create_kwargs: Any) -> list[LevelResult]:  # fmt: skip
     """Each concurrency level against ``base_url`` (the ``/v1`` URL of a loopback server).
     ``requests_per_level``: a number or a function of the concurrency (default 2x).
     ``temperature=0`` and, for vLLM, ``extra_body={"ignore_eos": True}`` in ``create_kwargs``
@@ -220,13 +211,8 @@ def _line(r: LevelResult) -> str:
             + (f", {r.errors} error(s): {r.first_error}" if r.errors else ""))  # fmt: skip
 
 
-def plot_sweep(
-    df: Any,
-    *,
-    by: str | None = None,
-    baselines: Mapping[str, float] | None = None,
-    title: str | None = None,
-) -> Any:
+def plot_sweep(df: Any, *, by: str | None = None, baselines: Mapping[str, float] | None = None,
+               title: str | None = None) -> Any:  # fmt: skip
     """Aggregate tokens/s, TTFT p50/p95 and end-to-end latency p50/p95 against concurrency, one
     line per value of column ``by``; ``baselines``: dotted lines (label -> tokens/s) on the
     throughput panel, in the color of the group whose name the label contains."""

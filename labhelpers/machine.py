@@ -128,48 +128,30 @@ def _sections(r: Report) -> list[tuple[str, list[tuple[str, str]]]]:
         (f"GPU {g.index}", f"{g.name}, {g.total_memory_gib:.1f} GiB, compute {g.capability_text}")
         for g in r.gpus
     ] or [("GPU", "none found")]
-    driver = f"{_fmt(r.nvidia_driver)} (runs CUDA ≤ {_fmt(r.driver_cuda)})"
+    cuda = [("NVIDIA driver", f"{_fmt(r.nvidia_driver)} (runs CUDA ≤ {_fmt(r.driver_cuda)})"),
+            ("torch built for CUDA", _fmt(r.torch_cuda)),
+            ("nvcc (CUDA toolkit)", _fmt(r.nvcc_cuda))]  # fmt: skip
     installed = ", ".join(f"{k} {v}" for k, v in r.packages.items() if v) or "none"
-    sections = {
-        "System": {
-            "OS": _fmt(r.os_name),
-            "Architecture": _fmt(r.machine),
-            "Python": f"{r.python_version} ({r.python_executable})",
-        },
-        "CPU": {
-            "Model": _fmt(r.cpu_model),
-            "Vendor": _fmt(r.cpu_vendor),
-            "Cores": cores,
-            "ISA flags of interest": flags,
-        },
-        "Memory and disk": {
-            "RAM": ram,
-            f"Free disk at {r.disk_path}": _fmt(r.disk_free_gib, "GiB"),
-        },
-        "GPU and CUDA": dict(gpus)
-        | {
-            "NVIDIA driver": driver,
-            "torch built for CUDA": _fmt(r.torch_cuda),
-            "nvcc (CUDA toolkit)": _fmt(r.nvcc_cuda),
-        },
-        "PyTorch": {
-            "torch": _fmt(r.torch_version),
-            "build": _fmt(r.torch_build),
-            "torch.cuda.is_available()": _fmt(r.torch_cuda_available),
-        },
-        "Packages": {"installed": installed},
-    }
+    sections = [
+        ("System", [("OS", _fmt(r.os_name)), ("Architecture", _fmt(r.machine)),
+                    ("Python", f"{r.python_version} ({r.python_executable})")]),
+        ("CPU", [("Model", _fmt(r.cpu_model)), ("Vendor", _fmt(r.cpu_vendor)), ("Cores", cores),
+                 ("ISA flags of interest", flags)]),
+        ("Memory and disk", [("RAM", ram),
+                             (f"Free disk at {r.disk_path}", _fmt(r.disk_free_gib, "GiB"))]),
+        ("GPU and CUDA", gpus + cuda),
+        ("PyTorch", [("torch", _fmt(r.torch_version)), ("build", _fmt(r.torch_build)),
+                     ("torch.cuda.is_available()", _fmt(r.torch_cuda_available))]),
+        ("Packages", [("installed", installed)]),
+    ]  # fmt: skip
     if r.notes:
-        sections["Notes"] = {str(i + 1): n for i, n in enumerate(r.notes)}
-    return [(title, list(rows.items())) for title, rows in sections.items()]
+        sections.append(("Notes", [(str(i + 1), n) for i, n in enumerate(r.notes)]))
+    return sections
 
 
-def collect_report(
-    path: str | os.PathLike[str] | None = None,
-    *,
-    packages: Mapping[str, str | None] | None = None,
-    gpus: list[GpuInfo] | None = None,
-) -> Report:
+def collect_report(path: str | os.PathLike[str] | None = None, *,
+                   packages: Mapping[str, str | None] | None = None,
+                   gpus: list[GpuInfo] | None = None) -> Report:  # fmt: skip
     """Probe this machine and Python environment (notebook 00). ``path``: where to measure
     free disk (default: the course cache). ``packages`` / ``gpus`` replace the probes (for
     tests and what-if questions; with ``packages`` given torch is not imported)."""

@@ -131,14 +131,8 @@ class RepeatedResult:
         return self.median.as_row()
 
 
-def time_generate(
-    generate_fn: Callable[[GenerationTimer], Any],
-    label: str = "",
-    warmup: int = 1,
-    repeats: int = 3,
-    *,
-    measure_memory: bool = True,
-) -> RepeatedResult:
+def time_generate(generate_fn: Callable[[GenerationTimer], Any], label: str = "", warmup: int = 1,
+                  repeats: int = 3, *, measure_memory: bool = True) -> RepeatedResult:  # fmt: skip
     """Call ``generate_fn(streamer)`` ``warmup`` times untimed (compilation, repacking,
     allocator growth), then ``repeats`` times timed, each inside :class:`PeakMemory` when
     ``measure_memory``. ``generate_fn`` must pass the streamer it gets to ``generate``::
@@ -162,15 +156,9 @@ def time_generate(
     return RepeatedResult(median_of(runs, label), runs, output)
 
 
-def chat_timings(
-    model: Any,
-    tokenizer: Any,
-    prompts: Sequence[str],
-    *,
-    max_new_tokens: int = 64,
-    repeats: int = 3,
-    label: str = "",
-) -> tuple[GenerationResult, list[str]]:
+def chat_timings(model: Any, tokenizer: Any, prompts: Sequence[str], *, max_new_tokens: int = 64,
+                 repeats: int = 3,
+                 label: str = "") -> tuple[GenerationResult, list[str]]:  # fmt: skip
     """A transformers (or IPEX-LLM) model answering each prompt as one chat turn, greedy,
     exactly ``max_new_tokens`` tokens, warmed up once, timed ``repeats`` times per prompt:
     the medians over all runs and the greedy answers (notebooks 03, 06)."""
@@ -192,15 +180,9 @@ def chat_timings(
     return median_of(runs, label), answers
 
 
-def batch_throughput(
-    model: Any,
-    tokenizer: Any,
-    prompts: Sequence[str],
-    batch_sizes: Sequence[int],
-    *,
-    max_new_tokens: int = 64,
-    log: Callable[[str], Any] = print,
-) -> list[dict[str, float]]:
+def batch_throughput(model: Any, tokenizer: Any, prompts: Sequence[str], batch_sizes: Sequence[int],
+                     *, max_new_tokens: int = 64,
+                     log: Callable[[str], Any] = print) -> list[dict[str, float]]:  # fmt: skip
     """Static batching, the best one ``generate`` call can do for many users: per batch size,
     one left-padded batch of that many prompts, each forced to ``max_new_tokens``; aggregate
     tokens/s = all new tokens / wall time (notebook 06)."""
@@ -323,14 +305,9 @@ def stream_piece(chunk: Any) -> tuple[str, bool, Any, str | None]:
     return text, generated, getattr(chunk, "usage", None), finish
 
 
-def time_openai_stream(
-    client: Any,
-    model: str,
-    messages: Sequence[Mapping[str, Any]],
-    max_tokens: int = 128,
-    label: str = "",
-    **create_kwargs: Any,
-) -> GenerationResult:
+def time_openai_stream(client: Any, model: str, messages: Sequence[Mapping[str, Any]],
+                       max_tokens: int = 128, label: str = "",
+                       **create_kwargs: Any) -> GenerationResult:  # fmt: skip
     """Time one streamed chat completion from an OpenAI-compatible server (vLLM, llama.cpp,
     trtllm-serve) through a sync ``openai.OpenAI`` client. TTFT includes the HTTP round trip,
     queueing and prefill. Token counts come from the final usage chunk, else one per text
@@ -391,13 +368,9 @@ def perplexity(model: Any, input_ids: Any, *, window: int = 512, stride: int = 2
     return perplexity_from_logprobs(score, ids, window=window, stride=stride)
 
 
-def perplexity_from_logprobs(
-    score: Callable[[list[int]], Sequence[float]],
-    input_ids: Sequence[int],
-    *,
-    window: int = 512,
-    stride: int = 256,
-) -> float:
+def perplexity_from_logprobs(score: Callable[[list[int]], Sequence[float]],
+                             input_ids: Sequence[int], *, window: int = 512,
+                             stride: int = 256) -> float:  # fmt: skip
     """:func:`perplexity` for anything that returns log-probabilities: ``score(chunk)`` gets a
     window of token ids and returns the natural-log probability of each token after the first.
     A server (vLLM's ``prompt_logprobs``) scores exactly the same tokens, so numbers compare."""
@@ -444,12 +417,9 @@ _TITLES = {
 }
 
 
-def plot_results(
-    df: Any,
-    x: str = "label",
-    metrics: Sequence[str] = ("decode_tokens_per_s", "ttft_s", "peak_rss_gb"),
-    title: str | None = None,
-) -> Any:
+def plot_results(df: Any, x: str = "label",
+                 metrics: Sequence[str] = ("decode_tokens_per_s", "ttft_s", "peak_rss_gb"),
+                 title: str | None = None) -> Any:  # fmt: skip
     """Bar charts, one panel per metric, values on the bars. Returns the Figure (assign it:
     ``fig = measure.plot_results(df)``, so Jupyter shows it once)."""
     import matplotlib.pyplot as plt

@@ -443,13 +443,8 @@ def _download(spec: ModelSpec, log: _Log = print) -> Path | None:
 # --------------------------------------------------------------------------- resolve
 
 
-def resolve(
-    name: str | os.PathLike[str],
-    *,
-    download_ok: bool = True,
-    standin_ok: bool = True,
-    log: _Log = print,
-) -> Path:
+def resolve(name: str | os.PathLike[str], *, download_ok: bool = True, standin_ok: bool = True,
+            log: _Log = print) -> Path:  # fmt: skip
     """A local folder for a model name, hub id or path; prints what was chosen and why.
     ``download_ok=False`` never touches the network; ``standin_ok=False`` raises instead of
     falling back to the offline stand-in."""

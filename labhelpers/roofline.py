@@ -1,11 +1,8 @@
-"""The decode roofline: how fast one stream can decode when memory bandwidth is the limit.
-
-One decode step of one sequence reads every weight it uses once, plus the KV cache of the
-context so far: ``tokens/s <= bandwidth / bytes_per_token``. One definition for notebooks 00,
-01, 03, 05 and 06: :func:`bytes_per_token` counts what a step *streams* — the linear layers,
-norms and the LM head, but only one row of the input embedding when the LM head is a separate
-matrix, and none of the rotary tables — plus the KV cache. Bandwidth is measured on the device
-that decodes (:func:`memory_bandwidth_gbps`).
+"""The decode roofline (notebooks 00, 01, 03, 05, 06): one decode step of one sequence reads
+every weight it uses once plus the KV cache so far, so ``tokens/s <= bandwidth / bytes_per_token``.
+:func:`bytes_per_token` counts what a step *streams*: the linear layers, norms and LM head, one
+row of a separate input embedding, no rotary tables. Bandwidth is measured on the device that
+decodes (:func:`memory_bandwidth_gbps`).
 """
 
 from __future__ import annotations
@@ -35,13 +32,8 @@ class Bandwidth:
     datasheet_gbps: float | None = None
 
 
-def memory_bandwidth_gbps(
-    device: str = "cpu",
-    *,
-    size_mb: float | None = None,
-    repeats: int = 5,
-    threads: int | None = None,
-) -> Bandwidth:
+def memory_bandwidth_gbps(device: str = "cpu", *, size_mb: float | None = None, repeats: int = 5,
+                          threads: int | None = None) -> Bandwidth:  # fmt: skip
     """Measure sustained memory bandwidth with torch: the median of ``repeats`` timed reads (a
     sum) and copies after a warm-up. ``"cpu"``: host memory with ``threads`` torch threads
     (default: as set; compare decode speed at the same thread count). ``"cuda"``: the GPU's
@@ -123,13 +115,8 @@ def _checkpoint_streamed_bytes(model_dir: str | Path) -> int:
     return sum(sizes.values()) - (sizes.get("model.embed_tokens.weight", 0) if head else 0)
 
 
-def bytes_per_token(
-    weights: Any,
-    config: Any = None,
-    *,
-    context_tokens: int = 0,
-    kv_bytes_per_elem: float | None = None,
-) -> int:
+def bytes_per_token(weights: Any, config: Any = None, *, context_tokens: int = 0,
+                    kv_bytes_per_elem: float | None = None) -> int:  # fmt: skip
     """Bytes one decode step of one sequence reads: the streamed weights plus the KV cache of
     ``context_tokens`` tokens, ``2 (K, V) x layers x KV heads x head size x bytes``.
 

@@ -1,12 +1,8 @@
 """Start, watch and stop an OpenAI-compatible server (vLLM, llama.cpp, trtllm-serve) as a child
-process, so a notebook (04, 05, 06) leaves nothing running.
-
-:class:`Server` takes any command line and does what a terminal user does by hand: prints the
-command; checks the port and the model folder *before* launching; runs the server in its own
-process group with its output in a log file; polls ``/health`` while watching the process (a
-server that dies during start-up fails at once, with the end of its log); stops the whole
-group. Servers still running when Python exits are stopped (``atexit``), and a server whose
-parent dies (a killed kernel) gets SIGTERM. Servers bind 127.0.0.1 by default.
+process, so a notebook (04, 05, 06) leaves nothing running: :class:`Server` checks the port and
+the model folder before launching, logs to a file, fails at once (with the log's end) when the
+server dies during start-up, and stops the whole process group; ``atexit`` and a parent-death
+signal stop what a killed kernel leaves. Servers bind 127.0.0.1 by default.
 """
 
 from __future__ import annotations
@@ -120,25 +116,16 @@ def _die_with_parent() -> None:
 
 
 class Server:
-    """A server run from ``argv`` that listens on ``host:port``. ``env`` is added to this
-    process's environment; the log goes to ``log_path`` (default
-    ``<cache>/logs/serve/<name>-<port>.log``); ``model`` (a local folder) is checked before
-    launching; ``api_key`` is only remembered for :meth:`client`; ``before_start`` runs extra
-    checks first (e.g. free GPU memory). Use ``with Server(...) as s:`` or start/stop."""
+    """A server run from ``argv`` that listens on ``host:port``, with ``env`` added to this
+    process's environment and its output in ``log_path`` (default ``<cache>/logs/serve/``);
+    ``model`` (a local folder) and ``before_start`` (e.g. free GPU memory) are checked first;
+    ``api_key`` is for :meth:`client`. Use ``with Server(...) as s:`` or start/stop."""
 
-    def __init__(
-        self,
-        argv: Sequence[str | os.PathLike[str]],
-        *,
-        port: int,
-        host: str = _LOOPBACK,
-        env: Mapping[str, str] | None = None,
-        name: str = "server",
-        log_path: str | os.PathLike[str] | None = None,
-        api_key: str | None = None,
-        model: str | os.PathLike[str] | None = None,
-        before_start: Callable[[], None] | None = None,
-    ) -> None:
+    def __init__(self, argv: Sequence[str | os.PathLike[str]], *, port: int, host: str = _LOOPBACK,
+                 env: Mapping[str, str] | None = None, name: str = "server",
+                 log_path: str | os.PathLike[str] | None = None, api_key: str | None = None,
+                 model: str | os.PathLike[str] | None = None,
+                 before_start: Callable[[], None] | None = None) -> None:  # fmt: skip
         self.argv, self.port, self.host = [os.fspath(a) for a in argv], int(port), host
         self.env, self.name, self.api_key = dict(env or {}), name, api_key
         self.model, self.before_start = model, before_start
@@ -166,9 +153,9 @@ class Server:
 
     def command_line(self) -> str:
         """The command as typed in a terminal: environment first, this Python as ``python``."""
-        words = ["python" if a == sys.executable else a for a in self.argv]
+        env = [f"{k}={shlex.quote(v)}" for k, v in self.env.items()]
         return " ".join(
-            [*(f"{k}={shlex.quote(v)}" for k, v in self.env.items()), shlex.join(words)]
+            [*env, shlex.join("python" if a == sys.executable else a for a in self.argv)]
         )
 
     def processes(self) -> list[dict[str, Any]]:
@@ -313,21 +300,12 @@ def _listener(port: int) -> str:
 # --------------------------------------------------------------------------- vLLM
 
 
-def vllm_argv(
-    model: str | os.PathLike[str],
-    *,
-    port: int,
-    host: str = _LOOPBACK,
-    launcher: str = "module",
-    served_model_name: str | None = None,
-    dtype: str | None = None,
-    quantization: str | None = None,
-    max_model_len: int | None = None,
-    gpu_memory_utilization: float | None = None,
-    tensor_parallel_size: int | None = None,
-    enforce_eager: bool = False,
-    api_key: str | None = None,
-) -> list[str]:
+def vllm_argv(model: str | os.PathLike[str], *, port: int, host: str = _LOOPBACK,
+              launcher: str = "module", served_model_name: str | None = None,
+              dtype: str | None = None, quantization: str | None = None,
+              max_model_len: int | None = None, gpu_memory_utilization: float | None = None,
+              tensor_parallel_size: int | None = None, enforce_eager: bool = False,
+              api_key: str | None = None) -> list[str]:  # fmt: skip
     """vLLM's OpenAI-compatible server command line; only the flags given are added.
 
     ``launcher="cli"``: ``<venv>/bin/vllm serve MODEL ...`` (the documented command; the ``vllm``
@@ -373,16 +351,9 @@ def check_gpu_memory(
     return largest
 
 
-def vllm_server(
-    model: str | os.PathLike[str],
-    *,
-    port: int | None = None,
-    host: str = _LOOPBACK,
-    env: Mapping[str, str] | None = None,
-    name: str = "vllm",
-    api_key: str | None = None,
-    **flags: Any,
-) -> Server:
+def vllm_server(model: str | os.PathLike[str], *, port: int | None = None, host: str = _LOOPBACK,
+                env: Mapping[str, str] | None = None, name: str = "vllm",
+                api_key: str | None = None, **flags: Any) -> Server:  # fmt: skip
     """A (not yet started) :class:`Server` for vLLM: a free port when ``port`` is None, the
     model folder checked before launch (hub ids are left to vLLM), ``flags`` for
     :func:`vllm_argv`; on a GPU with ``gpu_memory_utilization``, free GPU memory is checked

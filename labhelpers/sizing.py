@@ -361,19 +361,10 @@ def _kv_tokens(context: int) -> int:
     return math.ceil(context / _BLOCK) * _BLOCK
 
 
-def estimate(
-    config: Any,
-    mode: str | Mode | None = None,
-    *,
-    group_size: int | None = None,
-    batch: int = 1,
-    context: int | None = None,
-    tp: int = 1,
-    kv_dtype: str = "auto",
-    max_num_tokens: int | None = None,
-    backend: str = "engine",
-    name: str | None = None,
-) -> Estimate:
+def estimate(config: Any, mode: str | Mode | None = None, *, group_size: int | None = None,
+             batch: int = 1, context: int | None = None, tp: int = 1, kv_dtype: str = "auto",
+             max_num_tokens: int | None = None, backend: str = "engine",
+             name: str | None = None) -> Estimate:  # fmt: skip
     """Size ``config`` (dict, path, transformers config or shipped name) in ``mode`` (default:
     the checkpoint's own) for ``batch`` sequences of ``context`` tokens each (prompt + output;
     default ``min(4096, model max)``) over ``tp`` GPUs. ``max_num_tokens`` (default
@@ -454,14 +445,8 @@ class Verdict:
         }
 
 
-def verdict(
-    config: Any,
-    gpu: str | GpuSpec,
-    mode: str | Mode | None = None,
-    *,
-    kv_fraction: float = _KV_FRACTION,
-    **workload: Any,
-) -> Verdict:
+def verdict(config: Any, gpu: str | GpuSpec, mode: str | Mode | None = None, *,
+            kv_fraction: float = _KV_FRACTION, **workload: Any) -> Verdict:  # fmt: skip
     """Does ``config`` in ``mode`` fit ``tp`` × ``gpu`` for ``batch`` × ``context``? ``workload``:
     :func:`estimate`'s keywords. Raises :class:`SizingError` for the mode/GPU/backend rules and
     unknown GPUs, and when not even one sequence fits (then naming the tensor-parallel sizes,
@@ -573,14 +558,9 @@ def _suggestions(
 # --------------------------------------------------------------------------- tables
 
 
-def table(
-    config: Any,
-    *,
-    gpu: str | GpuSpec | None = None,
-    modes: Iterable[str | Mode] | None = None,
-    kv_fraction: float = _KV_FRACTION,
-    **workload: Any,
-) -> list[dict[str, Any]]:
+def table(config: Any, *, gpu: str | GpuSpec | None = None,
+          modes: Iterable[str | Mode] | None = None, kv_fraction: float = _KV_FRACTION,
+          **workload: Any) -> list[dict[str, Any]]:  # fmt: skip
     """One row per mode (default: all): the estimate in GiB and, with a GPU, ``status``
     ("fits", "too big: ...", "unsupported: ...") and the largest batch / context. Never raises
     for a mode that cannot run; bad configs still raise. ``workload``: :func:`estimate`'s

@@ -1,11 +1,8 @@
-"""Which backend should I use? Every way of running the same model on this machine, measured in
-one run next to its memory-bandwidth limit (notebook 06 and ``python -m labhelpers.compare``).
-
-Per backend (``backends.get_backends()``): load time, TTFT, decode tokens/s and its share of
-the roofline, aggregate tokens/s under concurrency, peak memory, size on disk, perplexity on the
-held-out text of notebook 02, the answers to fixed prompts. A backend that cannot run gets a
-row that says why; the recommendation is computed from the table, and works on any subset
-of rows: skipped backends, missing columns and ties included.
+"""Which backend should I use? Every way of running the same model on this machine measured in
+one run next to its memory-bandwidth limit (notebook 06, ``python -m labhelpers.compare``): load
+time, TTFT, decode tokens/s and its share of the roofline, aggregate tokens/s under concurrency,
+peak memory, disk, perplexity, the answers. A backend that cannot run gets a row saying why; the
+recommendation is computed from the table (any subset of rows, missing columns, ties).
 """
 
 from __future__ import annotations
@@ -147,13 +144,8 @@ def _skipped_row(backend: Backend, reason: str, status: str = "skipped") -> dict
     return dict.fromkeys(_COLUMNS) | named | dict(status=status, skipped_reason=reason)
 
 
-def run(
-    backends: str | Sequence[str] | None = None,
-    settings: Settings | None = None,
-    *,
-    log: _Log = print,
-    machine: Mapping[str, Any] | None = None,
-) -> Comparison:
+def run(backends: str | Sequence[str] | None = None, settings: Settings | None = None, *,
+        log: _Log = print, machine: Mapping[str, Any] | None = None) -> Comparison:  # fmt: skip
     """Measure ``backends`` (default: all) one after the other, one server at a time. Never
     raises for a backend that cannot run or fails: its row says why."""
     settings = settings or Settings()
@@ -279,13 +271,8 @@ def _tie_text(
     )
 
 
-def _recommend(
-    table: Any,
-    *,
-    max_ppl_increase: float = 0.5,
-    tie_tolerance: float = 0.05,
-    machine: str = "this machine",
-) -> str:
+def _recommend(table: Any, *, max_ppl_increase: float = 0.5, tie_tolerance: float = 0.05,
+               machine: str = "this machine") -> str:  # fmt: skip
     """The recommendation, as bullet lines computed from the table (notebook 06): for one user,
     the fastest single-stream decode among backends whose perplexity is at most
     ``max_ppl_increase`` (0.5 = +50%) above the reference (fp32, else bf16), backends within

@@ -1,10 +1,8 @@
-"""How each backend of notebook 06 is measured, with the same questions for all: ``load_s``
-(``from_pretrained`` with the library imported; IPEX-LLM: ``load_low_bit`` of a folder converted
-beforehand; servers: launch to a healthy ``/health``); single stream (every prompt as a chat
-turn, greedy, warmed up, median TTFT and decode tokens/s); aggregate tokens/s per concurrency
-level (concurrent streamed requests to a server, one batched ``generate`` in-process); peak
-memory; perplexity on the same held-out token ids (servers: ``prompt_logprobs``). In-process
-backends run in a fresh worker process (``envs.run_in_env``), so each one's memory is its own.
+"""How each backend of notebook 06 is measured, with the same questions for all: load time
+(servers: launch to a healthy ``/health``), single stream (each prompt a greedy chat turn,
+warmed up, medians), aggregate tokens/s per concurrency level (concurrent requests to a server,
+one batched ``generate`` in-process), peak memory, perplexity on the same held-out ids (servers:
+``prompt_logprobs``). In-process backends run in a fresh worker, so each one's memory is its own.
 """
 
 from __future__ import annotations
@@ -101,14 +99,8 @@ def measure_in_process(
     return row
 
 
-def measure(
-    backend: Backend,
-    model_dir: str,
-    settings: Settings,
-    eval_ids: Sequence[int],
-    *,
-    log: _Log = print,
-) -> dict[str, Any]:
+def measure(backend: Backend, model_dir: str, settings: Settings, eval_ids: Sequence[int], *,
+            log: _Log = print) -> dict[str, Any]:  # fmt: skip
     """Measure one backend and return its row (with ``sweep`` and ``answers``)."""
     if backend.runner == "server":
         return _measure_server(backend, model_dir, settings, eval_ids, log=log)
@@ -128,14 +120,8 @@ def measure(
     )
 
 
-def _measure_ipex(
-    backend: Backend,
-    model_dir: str,
-    settings: Settings,
-    eval_ids: Sequence[int],
-    *,
-    log: _Log = print,
-) -> dict[str, Any]:
+def _measure_ipex(backend: Backend, model_dir: str, settings: Settings, eval_ids: Sequence[int], *,
+                  log: _Log = print) -> dict[str, Any]:  # fmt: skip
     """IPEX-LLM through ``ipex.measure_format_in_env`` (converted once, then load_low_bit in a
     fresh process of its environment), mapped onto the comparison's columns."""
     s = settings
@@ -219,14 +205,8 @@ def _gpu_memory_bytes(pids: Sequence[int]) -> int | None:
     )
 
 
-def _measure_server(
-    backend: Backend,
-    model_dir: str,
-    settings: Settings,
-    eval_ids: Sequence[int],
-    *,
-    log: _Log = print,
-) -> dict[str, Any]:
+def _measure_server(backend: Backend, model_dir: str, settings: Settings, eval_ids: Sequence[int],
+                    *, log: _Log = print) -> dict[str, Any]:  # fmt: skip
     """Start the backend's server, measure single stream, the concurrency sweep (every answer
     exactly ``max_new_tokens`` long), memory and perplexity, and stop it (always)."""
     s, on_gpu, row = settings, gpu_available(), _new_row(backend, model_dir)
