@@ -97,14 +97,9 @@ def run_in_env(python: str | os.PathLike[str] | None, function: str, *, timeout_
         argv = [os.fspath(python or sys.executable), "-m", "labhelpers.envs", str(job)]
         with open(log_path, "w") as err:
             proc = subprocess.Popen(
-                argv,
-                stdout=subprocess.PIPE,
-                stderr=err,
-                text=True,
-                cwd=tmp,
-                env=full_env,
+                argv, stdout=subprocess.PIPE, stderr=err, text=True, cwd=tmp, env=full_env,
                 start_new_session=True,
-            )
+            )  # fmt: skip
             timer = threading.Timer(timeout_s, _kill_group, (proc.pid,))
             timer.start()
             try:

@@ -317,23 +317,16 @@ class Estimate:
             return round(x / GIB, 2)
 
         return {
-            "model": self.model,
-            "mode": self.mode,
-            "label": self.mode_label,
-            "tp": self.tp,
-            "batch": self.batch,
-            "context": self.context,
-            "kv_dtype": self.kv_dtype,
-            "weights_gib": gib(self.weight_bytes),
-            "kv_gib": gib(self.kv_bytes),
-            "activations_gib": gib(self.activation_bytes),
-            "reserve_gib": gib(self.reserve_bytes),
+            "model": self.model, "mode": self.mode, "label": self.mode_label, "tp": self.tp,
+            "batch": self.batch, "context": self.context, "kv_dtype": self.kv_dtype,
+            "weights_gib": gib(self.weight_bytes), "kv_gib": gib(self.kv_bytes),
+            "activations_gib": gib(self.activation_bytes), "reserve_gib": gib(self.reserve_bytes),
             "gpu_total_gib": gib(self.gpu_bytes),
             "kv_kib_per_token": round(self.kv_bytes_per_token / 1024, 1),
             "build_cpu_gib": gib(self.build_cpu_bytes),
             "build_disk_gib": gib(self.build_disk_bytes),
             "build_gpu_gib": gib(self.build_gpu_bytes),
-        }
+        }  # fmt: skip
 
 
 def weight_bytes(shape: ModelShape, mode: Mode, *, tp: int = 1, layout: str = "engine") -> int:
@@ -434,15 +427,12 @@ class Verdict:
         """The estimate's row plus the verdict columns (GiB)."""
         bound = self.decode_tokens_per_s_bound
         return self.estimate.as_row() | {
-            "gpu": self.gpu.name,
-            "gpu_gib": round(self.gpu.memory_gib, 2),
-            "fits": self.fits,
+            "gpu": self.gpu.name, "gpu_gib": round(self.gpu.memory_gib, 2), "fits": self.fits,
             "kv_budget_gib": round(self.kv_budget_bytes / GIB, 2),
-            "kv_capacity_tokens": self.kv_capacity_tokens,
-            "max_batch": self.max_batch,
+            "kv_capacity_tokens": self.kv_capacity_tokens, "max_batch": self.max_batch,
             "max_context": self.max_context,
             "decode_tok_s_bound": None if bound is None else round(bound, 1),
-        }
+        }  # fmt: skip
 
 
 def verdict(config: Any, gpu: str | GpuSpec, mode: str | Mode | None = None, *,

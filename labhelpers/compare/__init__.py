@@ -113,22 +113,15 @@ def describe_machine(threads: int = 1) -> dict[str, Any]:
     ]
     return {
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "cpu_model": report.cpu_model,
-        "cpu_vendor": report.cpu_vendor,
-        "usable_cpus": report.usable_cpus,
-        "physical_cores": report.physical_cores,
-        "ram_total_gib": report.ram_total_gib,
-        "gpus": gpus,
-        "gpu_usable": on_gpu,
-        "os": report.os_name,
-        "python": report.python_version,
+        "cpu_model": report.cpu_model, "cpu_vendor": report.cpu_vendor,
+        "usable_cpus": report.usable_cpus, "physical_cores": report.physical_cores,
+        "ram_total_gib": report.ram_total_gib, "gpus": gpus, "gpu_usable": on_gpu,
+        "os": report.os_name, "python": report.python_version,
         "packages": {k: v for k, v in report.packages.items() if v},
         "load_average_at_start": list(os.getloadavg()),
-        "bandwidth_gbps": bw.read_gbps,
-        "bandwidth_device": bw.device,
-        "bandwidth_threads": bw.threads,
-        "gpu_datasheet_gbps": bw.datasheet_gbps,
-    }
+        "bandwidth_gbps": bw.read_gbps, "bandwidth_device": bw.device,
+        "bandwidth_threads": bw.threads, "gpu_datasheet_gbps": bw.datasheet_gbps,
+    }  # fmt: skip
 
 
 def _machine_words(machine: Mapping[str, Any]) -> str:

@@ -106,18 +106,12 @@ def measure(backend: Backend, model_dir: str, settings: Settings, eval_ids: Sequ
         return _measure_server(backend, model_dir, settings, eval_ids, log=log)
     if backend.runner == "ipex":
         return _measure_ipex(backend, model_dir, settings, eval_ids, log=log)
+    job = dict(backend=backend.name, model_dir=model_dir, settings=settings.as_dict())
     return run_in_env(
-        sys.executable,
-        "labhelpers.compare.runs:measure_in_process",
-        timeout_s=settings.backend_timeout_s,
-        env={"TRANSFORMERS_VERBOSITY": "error"},
-        log=log,
-        name=f"compare-{backend.name}",
-        backend=backend.name,
-        model_dir=model_dir,
-        settings=settings.as_dict(),
-        eval_ids=list(eval_ids),
-    )
+        sys.executable, "labhelpers.compare.runs:measure_in_process", log=log, **job,
+        timeout_s=settings.backend_timeout_s, env={"TRANSFORMERS_VERBOSITY": "error"},
+        name=f"compare-{backend.name}", eval_ids=list(eval_ids),
+    )  # fmt: skip
 
 
 def _measure_ipex(backend: Backend, model_dir: str, settings: Settings, eval_ids: Sequence[int], *,
