@@ -5,7 +5,7 @@ bench around them. One noun per module; a module imports only modules above it i
 ``import labhelpers.<module>`` is instant and works in every course environment.
 
     files      the course cache, atomic folder writes, sizes, quiet library output
-    machine    this computer: report, GPU guard, RAM/disk checks, GPU datasheets     (00, all)
+    machine    this computer: report, GPU guard, RAM check, GPU datasheets          (00, all)
     envs       the course's venvs/kernels; run a job in another one                  (03, 06)
     models     registry, resolve/download, folder checks, safetensors, ModelShape     (all)
     compat     version / driver / GPU / CPU rules kept as data                       (00)

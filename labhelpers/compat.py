@@ -1,6 +1,5 @@
-"""Do the installed versions, the driver, the GPU and the CPU fit together? Rules kept as data.
-
-Used by notebook 00: ``check_compat(machine.collect_report())`` evaluates the rules in
+"""Do the installed versions, the driver, the GPU and the CPU fit together? Notebook 00's
+``check_compat(machine.collect_report())`` evaluates the rules kept as data in
 ``labhelpers/data/compat_rules.json`` (its ``_doc`` describes the rule kinds; add a rule there)
 and returns one :class:`Finding` per problem, each with a concrete fix.
 """
@@ -8,7 +7,7 @@ and returns one :class:`Finding` per problem, each with a concrete fix.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,12 +15,12 @@ from typing import Any
 from packaging.specifiers import SpecifierSet
 from packaging.version import InvalidVersion, Version
 
-from labhelpers.machine import Report, local_version_tag
+from labhelpers.machine import Report
 
-RULES_FILE = Path(__file__).resolve().parent / "data" / "compat_rules.json"
-LEVELS = ("ok", "info", "warn", "error")
+_RULES_FILE = Path(__file__).resolve().parent / "data" / "compat_rules.json"
+_LEVELS = ("ok", "info", "warn", "error")
 _ICON = {"ok": "✅", "info": "ℹ️ ", "warn": "⚠️ ", "error": "❌"}
-Rule = Mapping[str, Any]
+_Rule = Mapping[str, Any]
 
 
 @dataclass
@@ -44,42 +43,42 @@ class _Values(dict):
         return "{" + key + "}"
 
 
-def _finding(
-    rule: Rule, subject: str | None = None, fix: str | None = None, **values: Any
-) -> Finding:
-    def render(text: str) -> str:
-        return text.format_map(_Values(values))
-
-    message, fix = render(rule["message"]), render(fix or rule["fix"])
+def _finding(rule: _Rule, subject: str | None, fix: str | None = None, **values: Any) -> Finding:
+    message, fix = (t.format_map(_Values(values)) for t in (rule["message"], fix or rule["fix"]))
     return Finding(rule["level"], rule["id"], message, fix, subject)
 
 
-def _ok(rule: Rule, detail: str, subject: str | None = None) -> Finding:
+def _ok(rule: _Rule, detail: str, subject: str | None = None) -> Finding:
     return Finding("ok", rule["id"], f"passes: {detail}", "", subject)
 
 
-def version_matches(version: str | None, spec: str = "") -> bool:
+def _version_matches(version: str | None, spec: str = "") -> bool:
     """Whether a version satisfies a PEP 440 specifier ('' = any); '2.13.0+cpu' matches
     '==2.13.0' as in pip."""
-    if version is None:
-        return False
     try:
-        return SpecifierSet(spec).contains(Version(version), prereleases=True)
+        return version is not None and SpecifierSet(spec).contains(Version(version), True)
     except InvalidVersion:
         return False
 
 
+def _local(version: str | None) -> str | None:
+    try:
+        return Version(version).local if version else None
+    except InvalidVersion:
+        return None
+
+
 def _matches(cond: Mapping[str, Any], report: Report) -> bool:
     version = report.package(cond["package"])
-    local = local_version_tag(version)
+    local = _local(version)
     return (
-        version_matches(version, cond.get("spec", ""))
+        _version_matches(version, cond.get("spec", ""))
         and cond.get("local", local) == local
         and ("local_not" not in cond or local != cond["local_not"])
     )
 
 
-def _requires(rule: Rule, report: Report) -> list[Finding]:
+def _requires(rule: _Rule, report: Report) -> list[Finding]:
     if not all(_matches(c, report) for c in rule["when"]):
         return []
     when = " and ".join(f"{c['package']} {report.package(c['package'])}" for c in rule["when"])
@@ -89,7 +88,7 @@ def _requires(rule: Rule, report: Report) -> list[Finding]:
         have = report.package(pkg)
         if have is None and not need.get("must_be_installed", False):
             continue
-        if version_matches(have, spec):
+        if _version_matches(have, spec):
             out.append(_ok(rule, f"{pkg} {have} satisfies '{spec}' (with {when})", pkg))
         else:
             values = dict(pkg=pkg, spec=spec, have=have or "not installed", when=when)
@@ -97,7 +96,7 @@ def _requires(rule: Rule, report: Report) -> list[Finding]:
     return out
 
 
-def _conflict(rule: Rule, report: Report) -> list[Finding]:
+def _conflict(rule: _Rule, report: Report) -> list[Finding]:
     first, second = rule["packages"]
     a, b = first["package"], second["package"]
     if not (_matches(first, report) and _matches(second, report)):
@@ -106,11 +105,9 @@ def _conflict(rule: Rule, report: Report) -> list[Finding]:
     return [_finding(rule, a, a=a, b=b, **versions)]
 
 
-def _gpu_capability(rule: Rule, report: Report) -> list[Finding]:
+def _gpu_capability(rule: _Rule, report: Report) -> list[Finding]:
     out = []
-    for gpu in report.gpus:
-        if gpu.capability is None:
-            continue
+    for gpu in (g for g in report.gpus if g.capability is not None):
         subject, cc = f"GPU {gpu.index}", gpu.capability_text
         if tuple(gpu.capability) >= tuple(rule["min"]):
             out.append(_ok(rule, f"{gpu.name} has compute capability {cc}", subject))
@@ -120,7 +117,7 @@ def _gpu_capability(rule: Rule, report: Report) -> list[Finding]:
     return out
 
 
-def _cpu(rule: Rule, report: Report) -> list[Finding]:
+def _cpu(rule: _Rule, report: Report) -> list[Finding]:
     if rule.get("arch") and report.machine.lower() not in rule["arch"]:
         return []
     if rule["check"] == "flag_missing":
@@ -144,54 +141,47 @@ def _major(version: str | None) -> int | None:
         return None
 
 
-def _cuda(rule: Rule, report: Report) -> list[Finding]:
-    """CUDA stack checks: a CPU torch beside a GPU; a driver older than torch's CUDA major;
-    an nvcc whose CUDA major differs from torch's (GPTQModel compiles its Marlin kernels with
-    nvcc at the first GPU load)."""
-    torch_cuda, driver, nvcc = report.torch_cuda, report.driver_cuda, report.nvcc_cuda
-    gpu = report.gpus[0].name if report.gpus else None
-    values = dict(torch=report.torch_version, torch_cuda=torch_cuda, driver=report.nvidia_driver,
-                  driver_cuda=driver, nvcc=nvcc or "not installed", gpu=gpu)  # fmt: skip
-    check = rule["check"]
+def _cuda(rule: _Rule, r: Report) -> list[Finding]:
+    """A CPU torch beside a GPU; a driver older than torch's CUDA major; an nvcc whose CUDA
+    major differs from torch's (GPTQModel compiles its Marlin kernels with nvcc at the first
+    GPU load). Minor CUDA versions are compatible."""
+    torch_cuda, driver, check = _major(r.torch_cuda), _major(r.driver_cuda), rule["check"]
     if check == "cpu_build_with_gpu":
-        if not report.gpus or report.torch_version is None:
-            return []
-        failed = report.torch_build == "cpu"
+        applies, failed = bool(r.gpus and r.torch_version), r.torch_build == "cpu"
     elif check == "driver_older_than_torch":
-        if _major(torch_cuda) is None or _major(driver) is None:
-            return []
-        failed = _major(driver) < _major(torch_cuda)  # CUDA minor versions are compatible
+        applies, failed = None not in (torch_cuda, driver), (driver or 0) < (torch_cuda or 0)
     elif check == "nvcc_mismatch":
-        if not report.gpus or _major(torch_cuda) is None:
-            return []
-        failed = _major(nvcc) != _major(torch_cuda)
+        applies, failed = bool(r.gpus) and torch_cuda is not None, _major(r.nvcc_cuda) != torch_cuda
     else:
         raise ValueError(f"compat rule {rule['id']!r}: unknown cuda check {check!r}")
-    return [_finding(rule, "CUDA", **values)] if failed else [_ok(rule, f"{check}: fine", "CUDA")]
+    if not applies:
+        return []
+    if not failed:
+        return [_ok(rule, f"{check}: fine", "CUDA")]
+    gpu, nvcc = r.gpus[0].name if r.gpus else None, r.nvcc_cuda or "not installed"
+    facts = dict(torch=r.torch_version, torch_cuda=r.torch_cuda, gpu=gpu, nvcc=nvcc)
+    return [_finding(rule, "CUDA", driver=r.nvidia_driver, driver_cuda=r.driver_cuda, **facts)]
 
 
-CHECKERS: dict[str, Callable[[Rule, Report], list[Finding]]] = {
-    "requires": _requires,
-    "conflict": _conflict,
-    "gpu_capability": _gpu_capability,
-    "cpu": _cpu,
-    "cuda": _cuda,
+_CHECKERS = {
+    "requires": (_requires, ("when", "need")),
+    "conflict": (_conflict, ("packages",)),
+    "gpu_capability": (_gpu_capability, ("min",)),
+    "cpu": (_cpu, ("check",)),
+    "cuda": (_cuda, ("check",)),
 }
-_KEYS = {"requires": ("when", "need"), "conflict": ("packages",), "gpu_capability": ("min",),
-         "cpu": ("check",), "cuda": ("check",)}  # fmt: skip
 
 
-def load_rules(path: str | Path | None = None) -> list[dict[str, Any]]:
-    """The rules (default: labhelpers/data/compat_rules.json), checked: a malformed rule
-    raises ValueError naming its id."""
-    rules = json.loads(Path(path or RULES_FILE).read_text(encoding="utf-8"))["rules"]
+def _load_rules(path: str | Path | None = None) -> list[dict[str, Any]]:
+    """The rules, checked: a malformed rule raises ValueError naming its id."""
+    rules = json.loads(Path(path or _RULES_FILE).read_text(encoding="utf-8"))["rules"]
     for rule in rules:
         kind = rule.get("kind")
-        keys = ("id", "kind", "level", "message", "fix", *_KEYS.get(kind, ()))
-        missing = [k for k in keys if k not in rule]
-        if kind not in CHECKERS or missing or rule["level"] not in LEVELS[1:]:
+        needed = ("id", "kind", "level", "message", "fix", *_CHECKERS.get(kind, ((), ()))[1])
+        missing = [k for k in needed if k not in rule]
+        if kind not in _CHECKERS or missing or rule["level"] not in _LEVELS[1:]:
             raise ValueError(
-                f"compat rule {rule.get('id')!r}: kind {kind!r} (known: {', '.join(CHECKERS)}), "
+                f"compat rule {rule.get('id')!r}: kind {kind!r} (known: {', '.join(_CHECKERS)}), "
                 f"level {rule.get('level')!r} (info/warn/error), missing keys {missing}"
             )
         for cond in [*rule.get("when", []), *rule.get("need", []), *rule.get("packages", [])]:
@@ -200,11 +190,10 @@ def load_rules(path: str | Path | None = None) -> list[dict[str, Any]]:
 
 
 def check_compat(
-    report: Report, rules: Iterable[Rule] | None = None, *, include_ok: bool = False
+    report: Report, rules: Iterable[_Rule] | None = None, *, include_ok: bool = False
 ) -> list[Finding]:
     """Evaluate the rules against a report, worst first. Rules that do not apply (their
     packages absent, no GPU, facts unknown) say nothing; passing ones only with ``include_ok``."""
-    findings = [f for rule in (rules or load_rules()) for f in CHECKERS[rule["kind"]](rule, report)]
-    if not include_ok:
-        findings = [f for f in findings if f.level != "ok"]
-    return sorted(findings, key=lambda f: -LEVELS.index(f.level))
+    found = [f for r in (rules or _load_rules()) for f in _CHECKERS[r["kind"]][0](r, report)]
+    found = [f for f in found if include_ok or f.level != "ok"]
+    return sorted(found, key=lambda f: -_LEVELS.index(f.level))

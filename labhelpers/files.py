@@ -1,8 +1,7 @@
 """Files and folders: the course cache, atomic folder writes, sizes, quiet library output.
 
-Used by every notebook (the cache), 02 (atomic_dir, quiet_output), 03, 05, 07 (sizes).
-Units: ``GB`` is decimal (1e9 bytes, the unit of every ``*_gb`` column and of GB/s);
-``GIB`` is 2**30 (what nvidia-smi and ``free -g`` call GB).
+Used by every notebook (the cache), 02 (atomic_dir, quiet_output), 03, 05 (sizes).
+``GB`` is decimal (1e9 bytes: every ``*_gb`` column, GB/s); ``GIB`` is 2**30 (nvidia-smi's GB).
 """
 
 from __future__ import annotations
@@ -14,23 +13,20 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 GB = 1e9
 GIB = 2**30
-#: File endings of model weights: ``dir_size_bytes(folder, WEIGHT_FILES)`` counts only these.
-WEIGHT_FILES = (".safetensors", ".bin", ".gguf")
 
 
 def cache_dir() -> Path:
     """``$QWEN_LAB_CACHE``, else ``$XDG_CACHE_HOME/qwen-deploy-lab``, else
     ``~/.cache/qwen-deploy-lab``; created on first use."""
-    explicit = os.environ.get("QWEN_LAB_CACHE")
     base = Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "qwen-deploy-lab"
-    path = Path(explicit).expanduser() if explicit else base
+    path = Path(os.environ.get("QWEN_LAB_CACHE") or base).expanduser()
     path.mkdir(parents=True, exist_ok=True)
     return path
 
@@ -38,22 +34,16 @@ def cache_dir() -> Path:
 def models_dir() -> Path:
     """``<cache>/models``: downloaded and built models, one folder each."""
     path = cache_dir() / "models"
-    path.mkdir(parents=True, exist_ok=True)
+    path.mkdir(exist_ok=True)
     return path
-
-
-def repo_root() -> Path | None:
-    """The course checkout this package was installed from (editable install), if any."""
-    here = Path(__file__).resolve().parent.parent
-    return here if (here / "notebooks").is_dir() else None
 
 
 @contextmanager
 def atomic_dir(dest: str | os.PathLike[str], *, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary folder next to ``dest``; rename it to ``dest`` only when the block
-    finishes. On any exception (a crash, Ctrl-C, a full disk) it is deleted and ``dest``
-    is left as it was, so nothing half-written ever looks complete. An existing ``dest``
-    raises ``FileExistsError`` unless ``overwrite``; then it is replaced at the end."""
+    """Yield a temporary folder next to ``dest``, renamed to ``dest`` only when the block
+    finishes. On any exception (a crash, Ctrl-C, a full disk) it is deleted and ``dest`` is
+    left as it was, so nothing half-written ever looks complete. An existing ``dest`` raises
+    ``FileExistsError`` unless ``overwrite``; then it is replaced at the end."""
     dest = Path(dest)
     if dest.exists() and not overwrite:
         raise FileExistsError(f"{dest} already exists. Remove it, or pass overwrite=True.")
@@ -78,49 +68,25 @@ def atomic_dir(dest: str | os.PathLike[str], *, overwrite: bool = False) -> Iter
         shutil.rmtree(old, ignore_errors=True)
 
 
-def clean_stale_temps(parent: str | os.PathLike[str]) -> list[Path]:
-    """Remove the ``.tmp-*`` / ``.old-*`` folders a killed process left in ``parent``."""
-    parent = Path(parent)
-    children = list(parent.iterdir()) if parent.is_dir() else []
-    stale = [p for p in children if p.is_dir() and p.name.startswith((".tmp-", ".old-"))]
-    for path in stale:
-        shutil.rmtree(path, ignore_errors=True)
-    return stale
-
-
-def dir_size_bytes(path: str | os.PathLike[str], suffixes: Sequence[str] | None = None) -> int:
-    """Bytes on disk of a file or folder. Links are followed (the HF cache links snapshot
-    files to blobs) and a file reached twice counts once. ``suffixes``: only files ending
-    so (:data:`WEIGHT_FILES`: the weights, not the tokenizer)."""
+def dir_size_bytes(path: str | os.PathLike[str], *, weights_only: bool = False) -> int:
+    """Bytes on disk of a file or folder. Links are followed (the HF cache links snapshot files
+    to blobs) and a file reached twice counts once. ``weights_only``: only the weight files
+    (.safetensors, .bin, .gguf), not the tokenizer and configs."""
     root = Path(path)
     if root.is_file():
         return root.stat().st_size
     if not root.is_dir():
         raise FileNotFoundError(path)
-    seen: set[tuple[int, int]] = set()
-    total = 0
+    seen: dict[tuple[int, int], int] = {}
     for dirpath, _dirs, names in os.walk(root):
         for name in names:
-            if suffixes is not None and not name.endswith(tuple(suffixes)):
-                continue
-            try:
-                st = os.stat(os.path.join(dirpath, name))
-            except OSError:  # a broken link
-                continue
-            if (st.st_dev, st.st_ino) not in seen:
-                seen.add((st.st_dev, st.st_ino))
-                total += st.st_size
-    return total
-
-
-def human_bytes(n: float) -> str:
-    """``1536`` -> ``"1.5 KiB"`` (binary units)."""
-    value, sign = abs(float(n)), "-" if n < 0 else ""
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if value < 1024:
-            return f"{sign}{int(value)} B" if unit == "B" else f"{sign}{value:.1f} {unit}"
-        value /= 1024
-    return f"{sign}{value:.1f} TiB"
+            if not weights_only or name.endswith((".safetensors", ".bin", ".gguf")):
+                try:
+                    st = os.stat(os.path.join(dirpath, name))
+                except OSError:  # a broken link
+                    continue
+                seen[(st.st_dev, st.st_ino)] = st.st_size
+    return sum(seen.values())
 
 
 class _Switch(io.TextIOBase):
@@ -140,25 +106,18 @@ class _Switch(io.TextIOBase):
 
 
 @contextmanager
-def quiet_output(
-    log_path: str | os.PathLike[str],
-    *,
-    what: str,
-    every_s: float = 15.0,
-    status: Callable[[], str] | None = None,
-) -> Iterator[Path]:
-    """Send everything this process prints (file descriptors 1 and 2, so C extensions and
-    child processes too) to ``log_path`` while the block runs, and print
-    ``… still <what> (N s<status>)`` every ``every_s`` seconds instead. For libraries
-    that print megabytes (GPTQModel) or banners; the full text stays in the log."""
+def quiet_output(log_path: str | os.PathLike[str], *, what: str, every_s: float = 15.0,
+                 status: Callable[[], str] | None = None) -> Iterator[Path]:  # fmt: skip
+    """Send everything this process prints (file descriptors 1 and 2, so C extensions and child
+    processes too) to ``log_path`` while the block runs, and print ``… still <what> (N s<status>)``
+    every ``every_s`` seconds instead: for libraries that print megabytes (GPTQModel)."""
     log_path = Path(log_path)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     sys.stdout.flush()
     sys.stderr.flush()
     saved = os.dup(1), os.dup(2)
     real = os.fdopen(os.dup(1), "w", buffering=1)
-    stop = threading.Event()
-    t0 = time.monotonic()
+    stop, t0 = threading.Event(), time.monotonic()
 
     def heartbeat() -> None:
         while not stop.wait(every_s):

@@ -1,9 +1,6 @@
-"""What can run on this machine: which course models fit, which notebooks run fully.
-
-Used by notebook 00: ``what_fits(report)`` and ``notebooks_here(report)`` take a
-``machine.collect_report()`` and return one row per model / notebook with the reason (show
-them with ``pandas.DataFrame(rows)``). Notebooks come from ``labhelpers/data/notebooks.json``.
-"""
+"""What can run on this machine (notebook 00): ``what_fits(report)`` for the course models,
+``notebooks_here(report)`` for the notebooks (``labhelpers/data/notebooks.json``); one row
+each, with the reason (show them with ``pandas.DataFrame(rows)``)."""
 
 from __future__ import annotations
 
@@ -13,10 +10,10 @@ from pathlib import Path
 from typing import Any
 
 from labhelpers.files import GB, GIB
-from labhelpers.machine import Report, cpu_forced
+from labhelpers.machine import Report
 from labhelpers.models import ModelSpec, registry
 
-NOTEBOOKS_FILE = Path(__file__).resolve().parent / "data" / "notebooks.json"
+_NOTEBOOKS_FILE = Path(__file__).resolve().parent / "data" / "notebooks.json"
 
 
 def _gpu_fit(need_gb: float, report: Report) -> tuple[bool, str]:
@@ -52,21 +49,12 @@ def what_fits(report: Report, specs: Iterable[ModelSpec] | None = None) -> list[
         fits_gpu, gpu_reason = _gpu_fit(need, report)
         fits_cpu, cpu_reason = _cpu_fit(need, report, spec.target)
         free = None if report.disk_free_gib is None else report.disk_free_gib * GIB / GB
-        rows.append(
-            {
-                "model": spec.name,
-                "params_b": spec.params_b,
-                "weights": spec.weights,
-                "size_gb": spec.size_gb,
-                "memory_gb": round(need, 2),
-                "fits_gpu": fits_gpu,
-                "gpu_reason": gpu_reason,
-                "fits_cpu": fits_cpu,
-                "cpu_reason": cpu_reason,
-                "disk_ok": None if free is None else spec.size_gb <= free,
-                "run_on": "gpu" if fits_gpu else ("cpu" if fits_cpu else None),
-            }
-        )
+        row = dict(model=spec.name, params_b=spec.params_b, weights=spec.weights)
+        row |= dict(size_gb=spec.size_gb, memory_gb=round(need, 2), fits_gpu=fits_gpu)
+        row |= dict(gpu_reason=gpu_reason, fits_cpu=fits_cpu, cpu_reason=cpu_reason)
+        row["disk_ok"] = None if free is None else spec.size_gb <= free
+        row["run_on"] = "gpu" if fits_gpu else ("cpu" if fits_cpu else None)
+        rows.append(row)
     return rows
 
 
@@ -81,16 +69,11 @@ def _notebook_row(nb_id: str, nb: dict[str, Any], report: Report) -> dict[str, A
     if ram is not None and ram * GIB / GB < nb["min_ram_gb"]:
         why = f"needs {nb['min_ram_gb']} GB RAM, this machine has {ram * GIB / GB:.1f} GB"
         return row | {"status": "cannot run", "reason": why, "fix": "use a bigger machine"}
-    gpus = [] if cpu_forced() else [g for g in report.gpus if g.torch_visible]
+    gpus = [] if report.cpu_forced else [g for g in report.gpus if g.torch_visible]
     if nb["gpu_parts"] and not gpus:
         why = f"no usable NVIDIA GPU; on CPU it {nb['on_cpu']}"
-        skipped = list(nb["gpu_parts"])
-        return row | {
-            "status": "runs with GPU cells skipped",
-            "skipped": skipped,
-            "reason": why,
-            "fix": "",
-        }
+        status = "runs with GPU cells skipped"
+        return row | {"status": status, "skipped": list(nb["gpu_parts"]), "reason": why, "fix": ""}
     reason = f"GPU: {gpus[0].name}" if nb["gpu_parts"] else "CPU notebook"
     biggest = max((g.total_memory_gib for g in gpus), default=0.0)
     if nb["gpu_parts"] and nb.get("min_gpu_gb") and biggest * GIB / GB < nb["min_gpu_gb"]:
@@ -101,5 +84,5 @@ def _notebook_row(nb_id: str, nb: dict[str, Any], report: Report) -> dict[str, A
 def notebooks_here(report: Report, notebooks_file: str | Path | None = None) -> list[dict]:
     """For each course notebook: 'runs fully', 'runs with GPU cells skipped' (listed in
     'skipped') or 'cannot run', with the reason and a fix."""
-    table = json.loads(Path(notebooks_file or NOTEBOOKS_FILE).read_text(encoding="utf-8"))
+    table = json.loads(Path(notebooks_file or _NOTEBOOKS_FILE).read_text(encoding="utf-8"))
     return [_notebook_row(k, nb, report) for k, nb in table.items() if not k.startswith("_")]

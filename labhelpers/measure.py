@@ -1,15 +1,7 @@
-"""Measuring around the calls a notebook makes: token timing, peak memory, streamed HTTP
-timing, perplexity, tables and charts.
-
-The notebooks call ``model.generate`` or the OpenAI client themselves; this module only
-measures around those calls. Used by notebooks 01, 02, 03, 05, 06, 07, 08:
-
-* :class:`GenerationTimer` (a transformers streamer that timestamps every token) and
-  :func:`time_generate` (warm-up, repeats, medians: a shared machine is noisy);
-* :class:`PeakMemory` (RSS sampled in a thread; the CUDA allocator's peak);
-* :func:`time_openai_stream` (one streamed chat completion from any OpenAI-compatible server);
-* :func:`perplexity` / :func:`perplexity_from_logprobs` on :func:`heldout_text`;
-* :func:`to_frame` and :func:`plot_results`.
+"""Measuring around the calls a notebook makes (01, 02, 03, 05, 06): token timing
+(:func:`time_generate`, :func:`time_openai_stream`), peak memory (:class:`PeakMemory`),
+perplexity on held-out text, tables and charts. The notebooks call ``model.generate`` or the
+OpenAI client themselves; a shared machine is noisy, so runs are warmed up and repeated.
 """
 
 from __future__ import annotations
@@ -26,16 +18,12 @@ from typing import Any
 
 from labhelpers.files import GB
 
-#: Held-out text for perplexity: two chapters of the Python Language Reference.
-HELDOUT_TOPICS = ("execmodel", "import")
-Clock = Callable[[], float]
-
 
 @dataclass
 class GenerationResult:
-    """One timed generation. ``ttft_s``: start to the first new token (prefill + first
-    step); ``decode_tokens_per_s``: ``(new_tokens - 1) / (t_last - t_first)``, the steady
-    rate without prefill; ``e2e_tokens_per_s``: ``new_tokens / total_s``."""
+    """One timed generation. ``ttft_s``: start to the first new token (prefill + first step);
+    ``decode_tokens_per_s``: ``(new_tokens - 1) / (t_last - t_first)``, the steady rate without
+    prefill; ``e2e_tokens_per_s``: ``new_tokens / total_s``."""
 
     label: str
     new_tokens: int
@@ -51,8 +39,8 @@ class GenerationResult:
 
     def as_row(self) -> dict[str, Any]:
         """A flat dict for a table (``extra`` merged in; ``peak_*_gb`` in decimal GB)."""
-        row = {k: getattr(self, k) for k in ("label", "new_tokens", "prompt_tokens", "ttft_s",
-               "decode_tokens_per_s", "total_s", "e2e_tokens_per_s")}  # fmt: skip
+        names = "label new_tokens prompt_tokens ttft_s decode_tokens_per_s total_s e2e_tokens_per_s"
+        row = {k: getattr(self, k) for k in names.split()}
         for kind in ("rss", "cuda"):
             value = getattr(self, f"peak_{kind}_bytes")
             row[f"peak_{kind}_gb"] = None if value is None else value / GB
@@ -60,23 +48,23 @@ class GenerationResult:
 
 
 def _rates(start: float, times: Sequence[float], end: float, n: int) -> dict[str, float | None]:
-    if not times:
-        nothing = dict(ttft_s=None, decode_tokens_per_s=None, e2e_tokens_per_s=None)
-        return nothing | {"total_s": end - start}
-    decode = (n - 1) / (times[-1] - times[0]) if n >= 2 and times[-1] > times[0] else None
     total = end - start
-    return dict(ttft_s=times[0] - start, decode_tokens_per_s=decode, total_s=total,
-                e2e_tokens_per_s=n / total if total > 0 else None)  # fmt: skip
+    if not times:
+        return dict(ttft_s=None, decode_tokens_per_s=None, total_s=total, e2e_tokens_per_s=None)
+    decode = (n - 1) / (times[-1] - times[0]) if n >= 2 and times[-1] > times[0] else None
+    e2e = n / total if total > 0 else None
+    return dict(
+        ttft_s=times[0] - start, decode_tokens_per_s=decode, total_s=total, e2e_tokens_per_s=e2e
+    )
 
 
 class GenerationTimer:
     """A transformers streamer that timestamps each new token: pass it as ``streamer=`` to
-    ``generate``, which calls ``put`` with the prompt, then with each new token, then
-    ``end()``. The clock starts at creation (or :meth:`start`). Duck-typed on transformers'
-    ``BaseStreamer``, so it works with transformers 4 and 5. On CUDA, generate copies each
-    token to the CPU before ``put``, which synchronizes: the timestamps are honest."""
+    ``generate``, which calls ``put`` with the prompt, then with each new token, then ``end()``.
+    The clock starts at creation (or :meth:`start`). On CUDA, generate copies each token to the
+    CPU before ``put``, which synchronizes: the timestamps are honest."""
 
-    def __init__(self, clock: Clock = time.perf_counter) -> None:
+    def __init__(self, clock: Callable[[], float] = time.perf_counter) -> None:
         self.clock = clock
         self.start()
 
@@ -108,29 +96,26 @@ class GenerationTimer:
         rates = _rates(self.start_time, self.token_times, end, self.new_tokens)
         result = GenerationResult(label, self.new_tokens, **rates, prompt_tokens=self.prompt_tokens)
         if memory is not None:
-            result.peak_rss_bytes, result.peak_cuda_bytes = (
-                memory.peak_rss_bytes,
-                memory.peak_cuda_bytes,
-            )
+            result.peak_rss_bytes = memory.peak_rss_bytes
+            result.peak_cuda_bytes = memory.peak_cuda_bytes
         return result
 
 
 def median_of(runs: Sequence[GenerationResult], label: str | None = None) -> GenerationResult:
     """Per-metric medians of repeated runs; memory peaks are the maximum."""
 
+    def values(name: str) -> list[Any]:
+        return [getattr(r, name) for r in runs if getattr(r, name) is not None]
+
     def median(name: str) -> float | None:
-        values = [getattr(r, name) for r in runs if getattr(r, name) is not None]
-        return statistics.median(values) if values else None
+        return statistics.median(values(name)) if values(name) else None
 
-    def peak(name: str) -> int | None:
-        return max((getattr(r, name) for r in runs if getattr(r, name) is not None), default=None)
-
+    rates = {k: median(k) for k in ("ttft_s", "decode_tokens_per_s", "total_s", "e2e_tokens_per_s")}
+    peaks = {k: max(values(k), default=None) for k in ("peak_rss_bytes", "peak_cuda_bytes")}
+    new_tokens = int(statistics.median_low([r.new_tokens for r in runs]))
     return GenerationResult(
-        label if label is not None else runs[-1].label,
-        int(statistics.median_low([r.new_tokens for r in runs])),
-        median("ttft_s"), median("decode_tokens_per_s"), median("total_s"),
-        median("e2e_tokens_per_s"), peak("peak_rss_bytes"), peak("peak_cuda_bytes"),
-        runs[-1].prompt_tokens, {"repeats": len(runs)}, runs[-1].text,
+        runs[-1].label if label is None else label, new_tokens, **rates, **peaks,
+        prompt_tokens=runs[-1].prompt_tokens, extra={"repeats": len(runs)}, text=runs[-1].text,
     )  # fmt: skip
 
 
@@ -146,14 +131,8 @@ class RepeatedResult:
         return self.median.as_row()
 
 
-def time_generate(
-    generate_fn: Callable[[GenerationTimer], Any],
-    label: str = "",
-    warmup: int = 1,
-    repeats: int = 3,
-    *,
-    measure_memory: bool = True,
-) -> RepeatedResult:
+def time_generate(generate_fn: Callable[[GenerationTimer], Any], label: str = "", warmup: int = 1,
+                  repeats: int = 3, *, measure_memory: bool = True) -> RepeatedResult:  # fmt: skip
     """Call ``generate_fn(streamer)`` ``warmup`` times untimed (compilation, repacking,
     allocator growth), then ``repeats`` times timed, each inside :class:`PeakMemory` when
     ``measure_memory``. ``generate_fn`` must pass the streamer it gets to ``generate``::
@@ -177,48 +156,34 @@ def time_generate(
     return RepeatedResult(median_of(runs, label), runs, output)
 
 
-def chat_timings(
-    model: Any,
-    tokenizer: Any,
-    prompts: Sequence[str],
-    *,
-    max_new_tokens: int = 64,
-    repeats: int = 3,
-    label: str = "",
-) -> tuple[GenerationResult, list[str]]:
-    """A transformers model (or IPEX-LLM's) answering each prompt as one chat turn, greedy,
+def chat_timings(model: Any, tokenizer: Any, prompts: Sequence[str], *, max_new_tokens: int = 64,
+                 repeats: int = 3,
+                 label: str = "") -> tuple[GenerationResult, list[str]]:  # fmt: skip
+    """A transformers (or IPEX-LLM) model answering each prompt as one chat turn, greedy,
     exactly ``max_new_tokens`` tokens, warmed up once, timed ``repeats`` times per prompt:
     the medians over all runs and the greedy answers (notebooks 03, 06)."""
     runs, answers = [], []
-    fixed = dict(max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, do_sample=False,
-                 pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+    greedy = dict(
+        max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
+    )
     for i, prompt in enumerate(prompts):
         batch = _encode(tokenizer, [prompt], model.device)
-        n = batch["input_ids"].shape[1]
 
         def generate(streamer: Any, batch: Any = batch) -> Any:
-            return model.generate(**batch, **fixed, streamer=streamer)
+            return model.generate(
+                **batch, **greedy, min_new_tokens=max_new_tokens, streamer=streamer
+            )
 
-        timed = time_generate(
-            generate, label, warmup=int(i == 0), repeats=repeats, measure_memory=False
-        )
-        runs += timed.runs
-        answer = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
-                                pad_token_id=tokenizer.pad_token_id)  # fmt: skip
-        answers.append(tokenizer.decode(answer[0, n:], skip_special_tokens=True).strip())
+        runs += time_generate(generate, label, int(i == 0), repeats, measure_memory=False).runs
+        answer = model.generate(**batch, **greedy)[0, batch["input_ids"].shape[1] :]
+        answers.append(tokenizer.decode(answer, skip_special_tokens=True).strip())
     return median_of(runs, label), answers
 
 
-def batch_throughput(
-    model: Any,
-    tokenizer: Any,
-    prompts: Sequence[str],
-    batch_sizes: Sequence[int],
-    *,
-    max_new_tokens: int = 64,
-    log: Callable[[str], Any] = print,
-) -> list[dict[str, float]]:
-    """Static batching, the best one ``generate`` call can do for many users: per batch size
+def batch_throughput(model: Any, tokenizer: Any, prompts: Sequence[str], batch_sizes: Sequence[int],
+                     *, max_new_tokens: int = 64,
+                     log: Callable[[str], Any] = print) -> list[dict[str, float]]:  # fmt: skip
+    """Static batching, the best one ``generate`` call can do for many users: per batch size,
     one left-padded batch of that many prompts, each forced to ``max_new_tokens``; aggregate
     tokens/s = all new tokens / wall time (notebook 06)."""
     levels = []
@@ -229,7 +194,7 @@ def batch_throughput(
                        do_sample=False, pad_token_id=tokenizer.pad_token_id)  # fmt: skip
         wall = time.perf_counter() - t0
         levels.append(
-            {"concurrency": size, "aggregate_tok_s": size * max_new_tokens / wall, "wall_s": wall}
+            dict(concurrency=size, aggregate_tok_s=size * max_new_tokens / wall, wall_s=wall)
         )
         log(f"    batch of {size}: {size * max_new_tokens / wall:.1f} tokens/s aggregate")
     return levels
@@ -239,10 +204,8 @@ def _encode(tokenizer: Any, prompts: Sequence[str], device: Any) -> Any:
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    chats = [[{"role": "user", "content": p}] for p in prompts]
-    texts = [
-        tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in chats
-    ]
+    kw = dict(tokenize=False, add_generation_prompt=True)  # one at a time: 4.37 has no batches
+    texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], **kw) for p in prompts]
     # transformers 4.37's fast tokenizer returns token_type_ids, which generate refuses
     batch = tokenizer(texts, return_tensors="pt", padding=True, return_token_type_ids=False)
     return batch.to(device)
@@ -251,7 +214,7 @@ def _encode(tokenizer: Any, prompts: Sequence[str], device: Any) -> Any:
 # --------------------------------------------------------------------------- memory
 
 
-def process_tree_rss_bytes(pid: int | None = None) -> int:
+def _process_tree_rss_bytes(pid: int | None = None) -> int:
     """RSS of a process and all its descendants (a server and its workers). Pages shared
     between them count once per process, so the sum can exceed what is really used."""
     import psutil
@@ -266,17 +229,6 @@ def process_tree_rss_bytes(pid: int | None = None) -> int:
     return int(total)
 
 
-def rss_peak_bytes(pid: int | str = "self") -> int | None:
-    """The highest RSS a process has had since it started (``VmHWM``; Linux)."""
-    try:
-        for line in open(f"/proc/{pid}/status").read().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
 class PeakMemory:
     """Peak RSS (and peak CUDA memory) over a block::
 
@@ -284,30 +236,30 @@ class PeakMemory:
             model.generate(...)
         mem.peak_rss_bytes, mem.peak_rss_delta_bytes, mem.peak_cuda_bytes
 
-    A thread samples RSS every ``interval_s`` (spikes shorter than that can be missed);
-    ``pid`` / ``include_children`` measure another process (tree), e.g. a server. CUDA
-    (when torch is imported and a GPU is usable, or ``cuda=True``): the allocator's peak
-    since entry, ``torch.cuda.max_memory_allocated()``."""
+    A thread samples RSS every ``interval_s`` (shorter spikes can be missed); ``pid`` /
+    ``include_children`` measure another process (tree), e.g. a server. CUDA (when torch is
+    imported and a GPU is usable, or ``cuda=True``): ``torch.cuda.max_memory_allocated()``."""
 
     def __init__(self, interval_s: float = 0.005, *, pid: int | None = None,
                  include_children: bool = False, cuda: bool | None = None) -> None:  # fmt: skip
         import psutil
 
-        self.interval_s, self.cuda = interval_s, cuda
         proc = psutil.Process(pid)
-        if include_children:
-            self._read = lambda: process_tree_rss_bytes(proc.pid)
-        else:
-            self._read = lambda: proc.memory_info().rss
+        tree = lambda: _process_tree_rss_bytes(proc.pid)  # noqa: E731
+        self._read = tree if include_children else lambda: proc.memory_info().rss
+        self.interval_s, self.cuda = interval_s, cuda
         self.start_rss_bytes = self.peak_rss_bytes = self.peak_cuda_bytes = None
         self._stop, self._thread, self._torch = threading.Event(), None, None
 
     def _sample(self) -> None:
         try:
-            value = self._read()
+            self.peak_rss_bytes = max(self.peak_rss_bytes or 0, self._read())
         except Exception:  # the measured process may have exited
-            return
-        self.peak_rss_bytes = max(self.peak_rss_bytes or 0, value)
+            pass
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self._sample()
 
     def __enter__(self) -> PeakMemory:
         torch = sys.modules.get("torch")
@@ -322,10 +274,6 @@ class PeakMemory:
         self._thread.start()
         return self
 
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval_s):
-            self._sample()
-
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
@@ -336,18 +284,16 @@ class PeakMemory:
     @property
     def peak_rss_delta_bytes(self) -> int | None:
         """Peak RSS minus RSS at entry: what the block added at its worst."""
-        if self.peak_rss_bytes is None or self.start_rss_bytes is None:
-            return None
-        return self.peak_rss_bytes - self.start_rss_bytes
+        return None if self.peak_rss_bytes is None else self.peak_rss_bytes - self.start_rss_bytes
 
 
 # --------------------------------------------------------------------------- servers
 
 
 def stream_piece(chunk: Any) -> tuple[str, bool, Any, str | None]:
-    """``(answer text, carried any generated text, usage or None, finish_reason)`` of one
-    chunk of an OpenAI chat stream. Reasoning text (``reasoning_content`` / ``reasoning``
-    from a reasoning parser) counts as generated but is not part of the answer."""
+    """``(answer text, carried any generated text, usage or None, finish_reason)`` of one chunk
+    of an OpenAI chat stream. Reasoning text (``reasoning_content`` / ``reasoning`` from a
+    reasoning parser) counts as generated but is not part of the answer."""
     text, generated, finish = "", False, None
     for choice in getattr(chunk, "choices", None) or []:
         delta = getattr(choice, "delta", None)
@@ -359,19 +305,13 @@ def stream_piece(chunk: Any) -> tuple[str, bool, Any, str | None]:
     return text, generated, getattr(chunk, "usage", None), finish
 
 
-def time_openai_stream(
-    client: Any,
-    model: str,
-    messages: Sequence[Mapping[str, Any]],
-    max_tokens: int = 128,
-    label: str = "",
-    **create_kwargs: Any,
-) -> GenerationResult:
-    """Time one streamed chat completion from an OpenAI-compatible server (vLLM,
-    llama.cpp, trtllm-serve) through a sync ``openai.OpenAI`` client. TTFT includes the HTTP
-    round trip, queueing and prefill. Token counts come from the final usage chunk
-    (``stream_options={"include_usage": True}``), else one per text chunk. The answer is in
-    ``.text``; ``extra`` holds ``finish_reason``."""
+def time_openai_stream(client: Any, model: str, messages: Sequence[Mapping[str, Any]],
+                       max_tokens: int = 128, label: str = "",
+                       **create_kwargs: Any) -> GenerationResult:  # fmt: skip
+    """Time one streamed chat completion from an OpenAI-compatible server (vLLM, llama.cpp,
+    trtllm-serve) through a sync ``openai.OpenAI`` client. TTFT includes the HTTP round trip,
+    queueing and prefill. Token counts come from the final usage chunk, else one per text
+    chunk. The answer is in ``.text``; ``extra`` holds ``finish_reason``."""
     start = time.perf_counter()
     stream = client.chat.completions.create(
         model=model, messages=list(messages), max_tokens=max_tokens, stream=True,
@@ -384,20 +324,21 @@ def time_openai_stream(
             times.append(time.perf_counter())
             pieces.append(text)
         usage, finish = chunk_usage or usage, chunk_finish or finish
-    end = time.perf_counter()
     n = usage.completion_tokens if usage is not None else len(times)
-    rates = _rates(start, times, end, n)
+    rates = _rates(start, times, time.perf_counter(), n)
     prompt = usage.prompt_tokens if usage is not None else None
-    return GenerationResult(label, n, **rates, prompt_tokens=prompt,
-                            extra={"finish_reason": finish}, text="".join(pieces))  # fmt: skip
+    extra = {"finish_reason": finish}
+    return GenerationResult(
+        label, n, **rates, prompt_tokens=prompt, extra=extra, text="".join(pieces)
+    )
 
 
 # --------------------------------------------------------------------------- quality
 
 
-def heldout_text(topics: Sequence[str] = HELDOUT_TOPICS) -> str:
-    """English technical text for perplexity: chapters of the Python Language Reference
-    shipped with Python (``pydoc_data.topics``), the same offline on every machine."""
+def heldout_text(topics: Sequence[str] = ("execmodel", "import")) -> str:
+    """English technical text for perplexity: chapters of the Python Language Reference shipped
+    with Python (``pydoc_data.topics``), the same offline on every machine."""
     from pydoc_data.topics import topics as docs
 
     unknown = [t for t in topics if t not in docs]
@@ -427,17 +368,12 @@ def perplexity(model: Any, input_ids: Any, *, window: int = 512, stride: int = 2
     return perplexity_from_logprobs(score, ids, window=window, stride=stride)
 
 
-def perplexity_from_logprobs(
-    score: Callable[[list[int]], Sequence[float]],
-    input_ids: Sequence[int],
-    *,
-    window: int = 512,
-    stride: int = 256,
-) -> float:
-    """:func:`perplexity` for anything that returns log-probabilities: ``score(chunk)``
-    gets a window of token ids and returns the natural-log probability of each token after
-    the first. A server (vLLM's ``prompt_logprobs``), llama.cpp or OpenVINO score exactly the
-    same tokens as :func:`perplexity`, so the numbers compare across backends."""
+def perplexity_from_logprobs(score: Callable[[list[int]], Sequence[float]],
+                             input_ids: Sequence[int], *, window: int = 512,
+                             stride: int = 256) -> float:  # fmt: skip
+    """:func:`perplexity` for anything that returns log-probabilities: ``score(chunk)`` gets a
+    window of token ids and returns the natural-log probability of each token after the first.
+    A server (vLLM's ``prompt_logprobs``) scores exactly the same tokens, so numbers compare."""
     ids = [int(i) for i in input_ids]
     if len(ids) < 2:
         raise ValueError("perplexity needs at least 2 tokens")
@@ -464,11 +400,12 @@ def perplexity_from_logprobs(
 # --------------------------------------------------------------------------- tables, charts
 
 
-def to_frame(rows: Iterable[GenerationResult | RepeatedResult | Mapping[str, Any]]) -> Any:
-    """A pandas DataFrame, one row per result (results, repeated results or dicts)."""
+def to_frame(rows: Iterable[Any], **columns: Any) -> Any:
+    """A pandas DataFrame, one row per result (anything with ``as_row()``, or a dict);
+    ``columns`` become constant columns (``model="GPTQ-Int4"``) so tables can be concatenated."""
     import pandas as pd
 
-    return pd.DataFrame([r.as_row() if hasattr(r, "as_row") else dict(r) for r in rows])
+    return pd.DataFrame([(r.as_row() if hasattr(r, "as_row") else dict(r)) | columns for r in rows])
 
 
 _TITLES = {

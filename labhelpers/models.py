@@ -1,13 +1,11 @@
-"""The course's models: a registry kept as data, ``resolve(name)`` -> a local folder, and what a
-folder holds (its tensors from the safetensors headers, its architecture from config.json).
+"""The course's models: a registry kept as data (``labhelpers/data/models.json``),
+``resolve(name)`` -> a local folder, and what a folder holds (tensors from the safetensors
+headers, the architecture from config.json as :class:`ModelShape`).
 
-``resolve`` prints what it chose and why: a local path (checked); an offline stand-in by name;
-a complete copy in the course cache, ModelScope's cache or the Hugging Face cache; a download
-(ModelScope first, then Hugging Face honouring ``HF_ENDPOINT``; both resume an interrupted
-download); else the model's offline stand-in — on a CPU machine only: on a GPU machine a
-missing real model is an error unless ``QWEN_LAB_OFFLINE=1`` accepts the stand-in.
-Registry: ``labhelpers/data/models.json``; the stand-ins are built by ``tools/standin.py``.
-Used by every notebook's first cells, by 00 (registry, caches) and 02/03/04/06 (shapes).
+``resolve`` prints what it chose and why: a local path; a stand-in by name; a complete copy
+in the course, ModelScope or Hugging Face cache; a download (ModelScope, then Hugging Face
+honouring ``HF_ENDPOINT``; both resume); else the offline stand-in — on a CPU machine only,
+unless ``QWEN_LAB_OFFLINE=1``. Used by every notebook; stand-ins are built by tools/standin.py.
 """
 
 from __future__ import annotations
@@ -15,7 +13,10 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import os
+import re
+import shutil
 import socket
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -24,29 +25,17 @@ from typing import Any
 from urllib.parse import urlparse
 
 from labhelpers.files import GB, dir_size_bytes, models_dir
-from labhelpers.machine import check_disk, check_ram, gpu_available
+from labhelpers.machine import NotEnoughResourcesError, check_ram, gpu_available
 
-DATA = Path(__file__).resolve().parent / "data"
-STANDIN, STANDIN_GPTQ = "standin", "standin-gptq-int4"
-STANDIN_STAMP = "COURSE_BUILD.json"
-STANDIN_RECIPE = 1  # bump when tools/standin.py changes: set-up rebuilds the stand-ins
-# Rough run-time memory: weights as on disk x 1.2 + 0.5 GB; the KV cache comes on top.
-MEMORY_FACTOR, RUNTIME_OVERHEAD_GB = 1.2, 0.5
-DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
-               "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}  # fmt: skip
-Log = Callable[[str], Any]
+_DATA = Path(__file__).resolve().parent / "data"
+_STANDIN_STAMP = "COURSE_BUILD.json"  # written into a finished stand-in by mark_standin
+_STANDIN_RECIPE = 1  # bump when tools/standin.py changes: set-up rebuilds the stand-ins
+_Log = Callable[[str], Any]
 
 
 class ModelError(RuntimeError):
-    """A model could not be made available. The message says what to do."""
-
-
-class ModelNotFoundError(ModelError):
-    """Unknown name, missing path, or nothing local and no way to download."""
-
-
-class ModelDirError(ModelError):
-    """An incomplete or corrupt model folder (e.g. an interrupted download)."""
+    """A model could not be made available, or its folder is incomplete. The message says
+    what to do."""
 
 
 @dataclass(frozen=True)
@@ -69,17 +58,17 @@ class ModelSpec:
         return self.builder is not None
 
     def memory_needed_gb(self) -> float:
-        """Rough memory to load and run it: weights x 1.2 + 0.5 GB (KV cache extra)."""
-        return self.size_gb * MEMORY_FACTOR + RUNTIME_OVERHEAD_GB
+        """Rough memory to load and run it: weights x 1.2 + 0.5 GB (the KV cache on top)."""
+        return self.size_gb * 1.2 + 0.5
 
 
 def registry() -> dict[str, ModelSpec]:
     """Every model the course knows, by name."""
-    raw = json.loads((DATA / "models.json").read_text(encoding="utf-8"))
+    raw = json.loads((_DATA / "models.json").read_text(encoding="utf-8"))
     return {name: ModelSpec(name=name, **fields) for name, fields in raw.items() if name[0] != "_"}
 
 
-def lookup(name: str) -> ModelSpec | None:
+def _lookup(name: str) -> ModelSpec | None:
     """A registry entry by course name or hub id (``Qwen/...``), case-insensitively."""
     lowered = name.lower()
     for spec in registry().values():
@@ -92,8 +81,8 @@ def lookup(name: str) -> ModelSpec | None:
 
 
 def safetensors_tensors(model_dir: str | os.PathLike[str]) -> dict[str, tuple[str, tuple, int]]:
-    """``name -> (dtype, shape, bytes)`` for every tensor of a folder's ``*.safetensors``
-    files, read from their headers (no weights are loaded)."""
+    """``name -> (dtype, shape, bytes)`` for every tensor of a folder's ``*.safetensors`` files,
+    read from their headers (no weights are loaded)."""
     from safetensors import safe_open
 
     files = sorted(Path(model_dir).glob("*.safetensors"))
@@ -105,33 +94,26 @@ def safetensors_tensors(model_dir: str | os.PathLike[str]) -> dict[str, tuple[st
             for name in fh.keys():
                 part = fh.get_slice(name)
                 shape, dtype = tuple(part.get_shape()), part.get_dtype()
-                numel = 1
-                for dim in shape:
-                    numel *= dim
-                tensors[name] = (dtype, shape, numel * DTYPE_BYTES.get(dtype, 1))
+                bits = re.search(r"\d+", dtype)  # "BF16" -> 2 bytes; "BOOL" -> 1 byte
+                size = max(1, int(bits[0]) // 8) if bits else 1
+                tensors[name] = (dtype, shape, math.prod(shape) * size)
     return tensors
 
 
 def count_parameters(model_dir: str | os.PathLike[str]) -> int:
     """Weights stored in a folder's safetensors files (packed int tensors count as stored)."""
-    total = 0
-    for _dtype, shape, _nbytes in safetensors_tensors(model_dir).values():
-        numel = 1
-        for dim in shape:
-            numel *= dim
-        total += numel
-    return total
+    return sum(math.prod(shape) for _, shape, _ in safetensors_tensors(model_dir).values())
 
 
 def validate_model_dir(path: str | os.PathLike[str]) -> Path:
-    """Check that ``path`` holds a complete transformers model (config.json with a
-    model_type; every weight file readable and as long as its header says; every shard of an
-    index present; a tokenizer) and return it resolved; else :class:`ModelDirError`."""
+    """Check that ``path`` holds a complete transformers model (config.json with a model_type;
+    every weight file readable; every shard of an index present; a tokenizer) and return it
+    resolved; else :class:`ModelError` saying what to do."""
     from safetensors import safe_open
 
     path = Path(path).expanduser()
     if not path.exists():
-        raise ModelNotFoundError(
+        raise ModelError(
             f"{path} does not exist. Check the path, or pass a model name from "
             "labhelpers/data/models.json (e.g. 'standin')."
         )
@@ -142,61 +124,69 @@ def validate_model_dir(path: str | os.PathLike[str]) -> Path:
     try:
         config = json.loads((path / "config.json").read_text())
     except (OSError, ValueError) as exc:
-        raise ModelDirError(f"{path} has no readable config.json ({exc}). {redo}") from exc
+        raise ModelError(f"{path} has no readable config.json ({exc}). {redo}") from exc
     if "model_type" not in config:
-        raise ModelDirError(f"{path}/config.json has no 'model_type'. {redo}")
+        raise ModelError(f"{path}/config.json has no 'model_type'. {redo}")
     index = path / "model.safetensors.index.json"
     if index.is_file():
         shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
         missing = [s for s in shards if not (path / s).is_file()]
         if missing:
-            raise ModelDirError(f"{path} lacks {len(missing)} of {len(shards)} shards. {redo}")
+            raise ModelError(f"{path} lacks {len(missing)} of {len(shards)} shards. {redo}")
     files = sorted(path.glob("*.safetensors"))
     if not files and not any(path.glob("pytorch_model*.bin")):
-        raise ModelDirError(f"{path} has no weight files (*.safetensors). {redo}")
+        raise ModelError(f"{path} has no weight files (*.safetensors). {redo}")
     for file in files:
         try:
             with safe_open(file, framework="numpy"):
                 pass
         except Exception as exc:  # SafetensorError: truncated, not a safetensors file
-            raise ModelDirError(f"{file} is unreadable ({exc}). {redo}") from exc
+            raise ModelError(f"{file} is unreadable ({exc}). {redo}") from exc
     if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
-        raise ModelDirError(f"{path} has no tokenizer files (tokenizer.json). {redo}")
+        raise ModelError(f"{path} has no tokenizer files (tokenizer.json). {redo}")
     return path.resolve()
 
 
-def check_fits_in_ram(model: str | os.PathLike[str] | ModelSpec, **kwargs: Any) -> float:
-    """Estimate the RAM to load and run ``model`` (a folder or registry entry: weights on
-    disk x 1.2 + 0.5 GB) and raise ``NotEnoughResourcesError`` before loading if it will not
-    fit. Returns the estimate in GB."""
+def check_fits_in_ram(
+    model: str | os.PathLike[str] | ModelSpec, bytes_per_weight: float | None = None, **kwargs: Any
+) -> float:
+    """Raise ``NotEnoughResourcesError`` before loading ``model`` (a folder or registry entry)
+    when its weights x 1.2 + 0.5 GB exceed the available RAM; the weights as stored, or
+    ``count_parameters x bytes_per_weight`` when it loads at another precision (fp32: 4,
+    notebook 03). Returns the estimate in GB."""
     if isinstance(model, ModelSpec):
         need, what = model.memory_needed_gb(), model.name
+    elif bytes_per_weight:
+        weights, bits = count_parameters(model) * bytes_per_weight, bytes_per_weight * 8
+        need, what = weights / GB * 1.2 + 0.5, f"{Path(model).name} at {bits:.0f} bits"
     else:
-        need = dir_size_bytes(model) / GB * MEMORY_FACTOR + RUNTIME_OVERHEAD_GB
-        what = Path(model).name
-    hint = "Close other kernels, or choose a smaller model (a GPTQ-Int4 one, or 0.5B/1.5B)."
+        need, what = dir_size_bytes(model) / GB * 1.2 + 0.5, Path(model).name
+    hint = (
+        "Close other kernels, or load a smaller copy: a 0.5B/1.5B model, a GPTQ-Int4 one, or a "
+        "save_low_bit folder converted once on a machine with more RAM (notebook 03)."
+    )
     return check_ram(need, f"loading {what}", hint, **kwargs)
 
 
 def is_standin(path: str | os.PathLike[str]) -> bool:
     """True for a folder built by the stand-in builder (SmolLM2 in Qwen2 form, NOT Qwen)."""
-    return (Path(path) / STANDIN_STAMP).is_file()
+    return (Path(path) / _STANDIN_STAMP).is_file()
 
 
-def standin_dir(name: str) -> Path:
-    """Where the stand-in ``name`` lives in the course cache (built or not)."""
-    if name not in (STANDIN, STANDIN_GPTQ):
-        raise ValueError(f"unknown stand-in {name!r}; choose {STANDIN!r} or {STANDIN_GPTQ!r}")
-    return models_dir() / name
+def mark_standin(folder: str | os.PathLike[str], **facts: Any) -> None:
+    """Stamp a finished stand-in folder (tools/standin.py) with the current recipe."""
+    stamp = {**facts, "recipe_version": _STANDIN_RECIPE}
+    (Path(folder) / _STANDIN_STAMP).write_text(json.dumps(stamp, indent=2) + "\n")
 
 
 def standin_built(name: str) -> bool:
-    """True when the stand-in exists and was completed by the current recipe."""
+    """True when the stand-in ``name`` ("standin", "standin-gptq-int4") is in the course's
+    models folder, completed by the current recipe."""
     try:
-        stamp = json.loads((standin_dir(name) / STANDIN_STAMP).read_text())
+        stamp = json.loads((models_dir() / name / _STANDIN_STAMP).read_text())
     except (OSError, ValueError):
         return False
-    return stamp.get("recipe_version") == STANDIN_RECIPE
+    return stamp.get("recipe_version") == _STANDIN_RECIPE
 
 
 # --------------------------------------------------------------------------- architecture
@@ -213,10 +203,7 @@ def load_config(source: Any) -> dict[str, Any]:
     path = Path(source).expanduser()
     path = path / "config.json" if path.is_dir() else path
     if path.is_file():
-        try:
-            return dict(json.loads(path.read_text(encoding="utf-8")))
-        except ValueError as exc:
-            raise ValueError(f"{path} is not a JSON object ({exc})") from None
+        return dict(json.loads(path.read_text(encoding="utf-8")))
     shipped = shipped_configs()
     for name, entry in shipped.items():
         if str(source).strip().lower() in (name.lower(), entry["hf_id"].lower()):
@@ -229,16 +216,16 @@ def load_config(source: Any) -> dict[str, Any]:
 
 def shipped_configs() -> dict[str, dict[str, Any]]:
     """The public Qwen ``config.json`` copies shipped with the course, by model name."""
-    data = json.loads((DATA / "qwen_configs.json").read_text(encoding="utf-8"))
+    data = json.loads((_DATA / "qwen_configs.json").read_text(encoding="utf-8"))
     return {name: entry for name, entry in data.items() if not name.startswith("_")}
 
 
 @dataclass(frozen=True)
 class ModelShape:
-    """The architecture numbers of a dense decoder, read once from its config (notebooks 02,
-    03, 04; the roofline). Qwen1 (``model_type: qwen``) names things differently:
-    ``kv_channels`` is the head size, ``intermediate_size`` twice each MLP projection,
-    ``seq_length`` the context, no GQA. ``intermediate_size`` here is one projection."""
+    """The architecture numbers of a dense decoder, read once from its config (notebooks 02-05,
+    the roofline). Qwen1 (``model_type: qwen``) names things differently: ``kv_channels`` is
+    the head size, ``intermediate_size`` twice each MLP projection, ``seq_length`` the context,
+    no GQA. ``intermediate_size`` here is one projection."""
 
     name: str
     model_type: str
@@ -269,9 +256,9 @@ class ModelShape:
             )
         label = name or cfg.get("_name_or_path") or cfg.get("model_type") or "model"
         qwen1 = cfg.get("model_type") == "qwen"
-        need = ["hidden_size", "num_attention_heads", "num_hidden_layers", "intermediate_size",
-                "vocab_size", "seq_length" if qwen1 else "max_position_embeddings"]  # fmt: skip
-        missing = [k for k in need if not isinstance(cfg.get(k), int) or cfg[k] <= 0]
+        context = "seq_length" if qwen1 else "max_position_embeddings"
+        need = ["hidden_size", "num_attention_heads", "num_hidden_layers", "intermediate_size"]
+        missing = [k for k in [*need, "vocab_size", context] if not _positive(cfg.get(k))]
         if missing:
             raise ValueError(
                 f"{label}: config.json lacks positive whole numbers for {', '.join(missing)}; "
@@ -281,11 +268,8 @@ class ModelShape:
         kv_heads = heads if qwen1 else int(cfg.get("num_key_value_heads") or heads)
         if heads % kv_heads:
             raise ValueError(f"{label}: {heads} heads cannot share {kv_heads} KV heads evenly")
-        dtype = (
-            cfg.get("torch_dtype")
-            or cfg.get("dtype")
-            or ("float16" if cfg.get("fp16") else "bfloat16")
-        )
+        fp16 = "float16" if cfg.get("fp16") else "bfloat16"  # Qwen1 says fp16/bf16 so
+        dtype = cfg.get("torch_dtype") or cfg.get("dtype") or fp16
         quant = cfg.get("quantization_config")
         return cls(
             name=str(label),
@@ -298,7 +282,7 @@ class ModelShape:
             intermediate_size=cfg["intermediate_size"] // (2 if qwen1 else 1),
             vocab_size=cfg["vocab_size"],
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            max_context=cfg["seq_length" if qwen1 else "max_position_embeddings"],
+            max_context=cfg[context],
             qkv_bias=qwen1 or bool(cfg.get("attention_bias", cfg.get("model_type") == "qwen2")),
             qk_norm=cfg.get("model_type") == "qwen3",
             dtype=str(dtype).replace("torch.", ""),
@@ -315,12 +299,12 @@ class ModelShape:
 
     def linear_layers(self) -> list[tuple[str, int, int, str]]:
         """One decoder block's linear layers: ``(name, inputs, outputs, "column"|"row")``."""
-        h, f = self.hidden_size, self.intermediate_size
+        h, f, q, kv = self.hidden_size, self.intermediate_size, self.q_width, self.kv_width
         return [
-            ("q_proj", h, self.q_width, "column"),
-            ("k_proj", h, self.kv_width, "column"),
-            ("v_proj", h, self.kv_width, "column"),
-            ("o_proj", self.q_width, h, "row"),
+            ("q_proj", h, q, "column"),
+            ("k_proj", h, kv, "column"),
+            ("v_proj", h, kv, "column"),
+            ("o_proj", q, h, "row"),
             ("gate_proj", h, f, "column"),
             ("up_proj", h, f, "column"),
             ("down_proj", f, h, "row"),
@@ -348,19 +332,19 @@ class ModelShape:
         return row | {"params_b": round(self.params / 1e9, 3)}
 
 
+def _positive(value: Any) -> bool:
+    return isinstance(value, int) and value > 0
+
+
 # --------------------------------------------------------------------------- caches and hubs
 
 
-def _course_cache_path(repo_id: str) -> Path:
-    return models_dir() / repo_id
-
-
-def find_local(spec: ModelSpec, log: Log = print) -> Path | None:
+def _find_local(spec: ModelSpec, log: _Log = print) -> Path | None:
     """A complete local copy of ``spec``: the course cache, ModelScope's cache (which writes
     ``Qwen2.5`` as ``Qwen2___5``), the Hugging Face cache; else None."""
     candidates: list[tuple[str, Path | None]] = []
     if spec.hf_id:
-        candidates.append(("course cache", _course_cache_path(spec.hf_id)))
+        candidates.append(("course cache", models_dir() / spec.hf_id))
     if spec.modelscope_id:
         ms = Path(os.environ.get("MODELSCOPE_CACHE") or Path.home() / ".cache/modelscope/hub")
         for folder in {spec.modelscope_id.replace(".", "___"), spec.modelscope_id}:
@@ -381,9 +365,9 @@ def find_local(spec: ModelSpec, log: Log = print) -> Path | None:
 
 
 def _hf_cache_path(repo_id: str) -> Path | None:
-    try:
-        from huggingface_hub import snapshot_download
+    from huggingface_hub import snapshot_download
 
+    try:
         cache = os.environ.get("HF_HUB_CACHE")
         return Path(snapshot_download(repo_id, local_files_only=True, cache_dir=cache))
     except Exception:  # not cached (or the library refuses): not usable
@@ -396,7 +380,7 @@ def is_offline() -> bool:
     return any(os.environ.get(v, "") not in ("", "0") for v in flags)
 
 
-def hf_endpoint() -> str:
+def _hf_endpoint() -> str:
     """The Hugging Face endpoint in use (``HF_ENDPOINT`` for a mirror, else huggingface.co)."""
     return os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
 
@@ -409,26 +393,36 @@ def _reachable(host: str, timeout_s: float = 3.0) -> bool:
         return False
 
 
-def download(spec: ModelSpec, log: Log = print) -> Path | None:
-    """Download ``spec`` into the course cache from each hub in ``QWEN_LAB_HUB_ORDER``
-    (default ``modelscope,hf``) until one works; the hubs resume partial downloads. Returns
-    None (after saying why) when offline, unreachable, or every hub failed."""
+def _check_disk(need_gb: float, model_id: str) -> None:
+    free = shutil.disk_usage(models_dir()).free / GB
+    if need_gb > free:
+        raise NotEnoughResourcesError(
+            f"downloading {model_id} needs about {need_gb:.1f} GB of disk, but {models_dir()} has "
+            f"{free:.1f} GB free. Free some space, or point QWEN_LAB_CACHE at a bigger disk (on "
+            "AutoDL: the data disk, /root/autodl-tmp)."
+        )
+
+
+def _download(spec: ModelSpec, log: _Log = print) -> Path | None:
+    """Download ``spec`` into the course cache from each hub in ``QWEN_LAB_HUB_ORDER`` (default
+    ``modelscope,hf``) until one works; the hubs resume partial downloads. None (after saying
+    why) when offline, unreachable, or every hub failed."""
     if is_offline():
         log("  · offline mode (QWEN_LAB_OFFLINE / HF_HUB_OFFLINE): not downloading")
         return None
-    dest = _course_cache_path(spec.hf_id or spec.modelscope_id or spec.name)
+    dest = models_dir() / (spec.hf_id or spec.modelscope_id or spec.name)
     hubs = [h.strip() for h in os.environ.get("QWEN_LAB_HUB_ORDER", "modelscope,hf").split(",")]
     if set(hubs) - {"modelscope", "hf", ""}:
         raise ValueError(f"QWEN_LAB_HUB_ORDER may list 'modelscope' and 'hf', not {hubs}")
     for hub in filter(None, hubs):
         model_id = spec.modelscope_id if hub == "modelscope" else spec.hf_id
-        host = "www.modelscope.cn" if hub == "modelscope" else urlparse(hf_endpoint()).hostname
+        host = "www.modelscope.cn" if hub == "modelscope" else urlparse(_hf_endpoint()).hostname
         if not model_id or not host:
             continue
         if not _reachable(host):
             log(f"  ✗ {hub}: cannot reach {host} within 3 s")
             continue
-        check_disk(spec.size_gb * 1.1 + 0.2, models_dir(), f"downloading {model_id}")
+        _check_disk(spec.size_gb * 1.1 + 0.2, model_id)
         log(f"  … downloading {model_id} from {hub} (~{spec.size_gb:.1f} GB) into {dest}")
         try:
             if hub == "modelscope":
@@ -449,13 +443,8 @@ def download(spec: ModelSpec, log: Log = print) -> Path | None:
 # --------------------------------------------------------------------------- resolve
 
 
-def resolve(
-    name: str | os.PathLike[str],
-    *,
-    download_ok: bool = True,
-    standin_ok: bool = True,
-    log: Log = print,
-) -> Path:
+def resolve(name: str | os.PathLike[str], *, download_ok: bool = True, standin_ok: bool = True,
+            log: _Log = print) -> Path:  # fmt: skip
     """A local folder for a model name, hub id or path; prints what was chosen and why.
     ``download_ok=False`` never touches the network; ``standin_ok=False`` raises instead of
     falling back to the offline stand-in."""
@@ -464,25 +453,25 @@ def resolve(
         path = validate_model_dir(text)
         log(f"✓ {text}: using the local folder {path}")
         return path
-    spec = lookup(text)
+    spec = _lookup(text)
     if spec is None and text.count("/") == 1:  # an unregistered hub id ("Qwen/Qwen3-0.6B")
         spec = ModelSpec(text, 0, "unknown", 0, "both", hf_id=text, modelscope_id=text)
     if spec is None:
         close = difflib.get_close_matches(text, registry(), n=3, cutoff=0.4)
         hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
-        raise ModelNotFoundError(
+        raise ModelError(
             f"Unknown model {text!r}: not a folder, not a hub id (org/name), not in "
             f"labhelpers/data/models.json.{hint} Known: {', '.join(registry())}."
         )
     if spec.is_standin:
         return _standin(spec, log)
     log(f"Resolving {spec.name} ({spec.note or spec.hf_id}):")
-    found = find_local(spec, log) or (download(spec, log) if download_ok else None)
+    found = _find_local(spec, log) or (_download(spec, log) if download_ok else None)
     if found is not None:
         return found
     if standin_ok and spec.fallback:
         if gpu_available() and not is_offline():
-            raise ModelNotFoundError(
+            raise ModelError(
                 f"{spec.name} is not here and could not be downloaded, and this is a GPU machine: "
                 "the 135M stand-in would print its numbers under GPU titles. Get the model: set "
                 "HF_ENDPOINT=https://hf-mirror.com (or QWEN_LAB_HUB_ORDER=modelscope,hf), copy the "
@@ -491,19 +480,19 @@ def resolve(
         log(f"  → no copy of {spec.name} can be had here: using the OFFLINE STAND-IN "
             f"'{spec.fallback}' (SmolLM2-135M in Qwen2 form, NOT Qwen)")  # fmt: skip
         return _standin(registry()[spec.fallback], log)
-    raise ModelNotFoundError(
+    raise ModelError(
         f"{spec.name} is not in any local cache and could not be downloaded. Connect to the "
         "internet (or set HF_ENDPOINT to a mirror such as https://hf-mirror.com), or copy the "
         "model folder here and pass its path."
     )
 
 
-def _standin(spec: ModelSpec, log: Log) -> Path:
+def _standin(spec: ModelSpec, log: _Log) -> Path:
     if not standin_built(spec.name):
-        raise ModelNotFoundError(
+        raise ModelError(
             f"the offline stand-in '{spec.name}' is not built yet: run ./course setup "
             "(or python tools/standin.py), about 4 minutes once."
         )
-    path = validate_model_dir(standin_dir(spec.name))
+    path = validate_model_dir(models_dir() / spec.name)
     log(f"✓ {spec.name}: {path}  [{spec.note}]")
     return path

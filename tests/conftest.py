@@ -67,9 +67,10 @@ def tmp_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 def standin_path() -> Path:
     """The real ``standin`` model built by set-up (required: see :func:`require`)."""
     from labhelpers import models
+    from labhelpers.files import models_dir
 
-    require(models.standin_built(models.STANDIN), "the stand-in is not built: run ./course setup")
-    return models.standin_dir(models.STANDIN)
+    require(models.standin_built("standin"), "the stand-in is not built: run ./course setup")
+    return models_dir() / "standin"
 
 
 def write_fake_model(folder: Path, *, truncate: bool = False) -> Path:

@@ -22,15 +22,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "labhelpers"
-# Inside compare/: the backends and settings, the recommendation (pure table logic), how each
-# backend is measured, the comparison itself (__init__), its command line (__main__).
-COMPARE_ORDER = (
-    "compare.backends",
-    "compare.advice",
-    "compare.runs",
-    "compare",
-    "compare.__main__",
-)
+# Inside compare/: the backends and settings, how each backend is measured, the comparison
+# itself with its recommendation and chart (__init__), its command line (__main__).
+COMPARE_ORDER = ("compare.backends", "compare.runs", "compare", "compare.__main__")
 #: What is searched for uses of a public name, besides the other labhelpers modules.
 CODE_USERS = ("notebooks/*.ipynb", "tools/**/*.py", "apps/**/*.py")
 TEXT_USERS = (
@@ -319,24 +313,69 @@ def references_by_user() -> dict[str, set[tuple[str, str]]]:
     return users
 
 
-def unused_public_names() -> list[str]:
+def result_classes(tree: ast.Module, module: str, used: set[tuple[str, str]]) -> set[str]:
+    """The exemption, and the only one: a public class named in the annotation of a parameter or
+    the return of a used public function (or of a method of a used public class) is used with
+    it: ``sizing.Estimate`` is what ``sizing.estimate()`` returns, ``measure.GenerationTimer``
+    what ``time_generate``'s callback receives. Constants and functions get no exemption."""
+    classes = {n.name for n in tree.body if isinstance(n, ast.ClassDef) and n.name[0] != "_"}
+    callables: list[ast.FunctionDef | ast.AsyncFunctionDef] = []
+    for node in tree.body:
+        if (
+            isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+            and (module, node.name) in used
+        ):
+            callables.append(node)
+        elif isinstance(node, ast.ClassDef) and (module, node.name) in used:
+            callables += [
+                f
+                for f in node.body
+                if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef)) and f.name[0] != "_"
+            ]
+    named = set()
+    for function in callables:
+        args = function.args
+        params = [*args.posonlyargs, *args.args, *args.kwonlyargs, args.vararg, args.kwarg]
+        for annotation in [p.annotation for p in params if p is not None] + [function.returns]:
+            if annotation is not None:
+                named |= {n.id for n in ast.walk(annotation) if isinstance(n, ast.Name)}
+    return (classes & named) - {name for m, name in used if m == module}
+
+
+def public_name_report() -> tuple[list[str], list[str], list[str]]:
+    """(every public name, the result classes exempted, the unused ones), as module.name."""
     users = references_by_user()
-    unused = []
+    everything, exempt, unused = [], [], []
     for module, path in MODULES.items():
+        tree = parse(path)
         used = set().union(*(refs for user, refs in users.items() if user != module))
-        for name, line in public_names(parse(path)).items():
-            if (module, name) not in used:
+        results = result_classes(tree, module, used)
+        for name, line in public_names(tree).items():
+            everything.append(f"{module}.{name}")
+            if name in results:
+                exempt.append(f"{module}.{name}")
+            elif (module, name) not in used:
                 unused.append(f"labhelpers/{path.relative_to(PACKAGE)}:{line} {module}.{name}")
-    return unused
+    return everything, exempt, unused
 
 
 def test_every_public_name_is_used_outside_its_module_and_the_tests():
-    unused = unused_public_names()
+    _, _, unused = public_name_report()
     print(f"{len(unused)} unused public names:\n" + "\n".join(unused))
     assert not unused, (
         f"{len(unused)} public names that no notebook, other module, command line, script or data "
         "file uses: make them _private, or delete them:\n" + "\n".join(unused)
     )
+
+
+def test_the_public_surface_stays_small():
+    """At most 110 names a notebook calls or another module imports, and at most 120 public
+    names with the result classes (issue 13). Make helpers _private before adding names."""
+    everything, exempt, _ = public_name_report()
+    api = sorted(set(everything) - set(exempt))
+    print(f"{len(everything)} public names; {len(exempt)} result classes: {', '.join(exempt)}")
+    assert len(api) <= 110, f"{len(api)} public names besides result classes (limit 110)"
+    assert len(everything) <= 120, f"{len(everything)} public names (limit 120)"
 
 
 # --------------------------------------------------------------------------- import is instant

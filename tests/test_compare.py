@@ -17,11 +17,11 @@ import pytest
 from labhelpers import compare
 from labhelpers.compare import backends as bk
 from labhelpers.compare import runs
-from labhelpers.compare.__main__ import main as cli_main
-from labhelpers.compare.__main__ import parse_args
+from labhelpers.compare.__main__ import _default_out_dir
+from labhelpers.compare.__main__ import _main as cli_main
+from labhelpers.compare.__main__ import _parse_args as parse_args
 
-# The module, not the function of the same name that labhelpers.compare exports.
-rec = importlib.import_module("labhelpers.compare.advice")
+rec = compare  # the table, the recommendation and the chart live in compare/__init__.py
 ROOT = Path(__file__).resolve().parent.parent
 MACHINE = {
     "date": "2026-11-25T10:00:00+00:00",
@@ -61,7 +61,7 @@ def row(name: str, decode: float, *, ppl: float | None = None, mem: float | None
 
 
 def skipped(name: str, reason: str):
-    return compare.skipped_row(bk.BACKENDS[name], reason)
+    return compare._skipped_row(bk._BACKENDS[name], reason)
 
 
 # --------------------------------------------------------------------------- settings, backends
@@ -87,29 +87,29 @@ def test_settings_validate_and_survive_json():
 
 
 def test_get_backends_by_name():
-    assert [b.name for b in bk.get_backends("all")] == list(bk.BACKENDS)
-    assert [b.name for b in bk.get_backends(None)] == list(bk.BACKENDS)
+    assert [b.name for b in bk.get_backends("all")] == list(bk._BACKENDS)
+    assert [b.name for b in bk.get_backends(None)] == list(bk._BACKENDS)
     assert [b.name for b in bk.get_backends("vllm-bf16, transformers-fp32,vllm-bf16")] == [
         "vllm-bf16",
         "transformers-fp32",
     ]
     with pytest.raises(ValueError, match="choose from transformers-fp32"):
         bk.get_backends("vllm")
-    gptq = {b.name for b in bk.BACKENDS.values() if b.weights_from == "gptq"}
+    gptq = {b.name for b in bk._BACKENDS.values() if b.weights_from == "gptq"}
     assert gptq == {"transformers-gptq-int4", "vllm-gptq-int4"}
-    assert all(b.twin in bk.BACKENDS for b in bk.BACKENDS.values() if b.twin)
+    assert all(b.twin in bk._BACKENDS for b in bk._BACKENDS.values() if b.twin)
 
 
 def test_skip_reasons_say_what_to_do(monkeypatch):
     monkeypatch.setattr(bk, "gpu_status", lambda: (False, "none found"))
-    assert bk.skip_reason(bk.BACKENDS["trtllm"]) == "needs an NVIDIA GPU (none found)"
+    assert bk.skip_reason(bk._BACKENDS["trtllm"]) == "needs an NVIDIA GPU (none found)"
     monkeypatch.setattr(bk, "kernel_python", lambda kernel, venv: None)
-    reason = bk.skip_reason(bk.BACKENDS["ipex-sym_int4"])
+    reason = bk.skip_reason(bk._BACKENDS["ipex-sym_int4"])
     assert "IPEX-LLM environment" in reason and "./course setup" in reason
     monkeypatch.setattr(bk.util, "find_spec", lambda name: None)
-    assert "vllm is not installed" in bk.skip_reason(bk.BACKENDS["vllm-bf16"])
-    assert "gptqmodel is not installed" in bk.skip_reason(bk.BACKENDS["transformers-gptq-int4"])
-    assert bk.skip_reason(bk.BACKENDS["transformers-bf16"]) is None
+    assert "vllm is not installed" in bk.skip_reason(bk._BACKENDS["vllm-bf16"])
+    assert "gptqmodel is not installed" in bk.skip_reason(bk._BACKENDS["transformers-gptq-int4"])
+    assert bk.skip_reason(bk._BACKENDS["transformers-bf16"]) is None
 
 
 # --------------------------------------------------------------------------- the CLI
@@ -154,7 +154,7 @@ def test_cli_lists_the_backends_and_why_they_cannot_run(monkeypatch, capsys):
     monkeypatch.setattr(cli, "skip_reason", lambda b: "needs a GPU" if b.gpu_only else None)
     assert cli_main(["--list"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert [line.split()[0] for line in lines] == list(bk.BACKENDS)
+    assert [line.split()[0] for line in lines] == list(bk._BACKENDS)
     assert lines[-1].endswith("needs a GPU") and lines[0].endswith("can run here")
 
 
@@ -164,10 +164,10 @@ def test_cli_lists_the_backends_and_why_they_cannot_run(monkeypatch, capsys):
 def test_measure_dispatches_by_runner(monkeypatch):
     calls = []
     monkeypatch.setattr(
-        runs, "measure_server", lambda b, *a, **k: calls.append(("server", b.name)) or {}
+        runs, "_measure_server", lambda b, *a, **k: calls.append(("server", b.name)) or {}
     )
     monkeypatch.setattr(
-        runs, "measure_ipex", lambda b, *a, **k: calls.append(("ipex", b.name)) or {}
+        runs, "_measure_ipex", lambda b, *a, **k: calls.append(("ipex", b.name)) or {}
     )
 
     def worker(python, function, **kwargs):
@@ -179,7 +179,7 @@ def test_measure_dispatches_by_runner(monkeypatch):
 
     monkeypatch.setattr(runs, "run_in_env", worker)
     for name in ("vllm-bf16", "ipex-sym_int4", "transformers-fp32"):
-        runs.measure(bk.BACKENDS[name], "/m", bk.Settings(), (1, 2), log=lambda _: None)
+        runs.measure(bk._BACKENDS[name], "/m", bk.Settings(), (1, 2), log=lambda _: None)
     assert calls == [
         ("server", "vllm-bf16"),
         ("ipex", "ipex-sym_int4"),
@@ -214,8 +214,8 @@ def test_the_ipex_row_maps_notebook_03s_measurement(monkeypatch, tmp_path: Path)
     monkeypatch.setattr(runs, "dist_version", lambda dist, python=None: "2.2.0")
     (tmp_path / "model.safetensors").write_bytes(b"\0" * 1000)
     settings = bk.Settings(threads=2, concurrency=(1, 2))
-    r = runs.measure_ipex(
-        bk.BACKENDS["ipex-sym_int4"], str(tmp_path), settings, [5, 6], log=lambda _: None
+    r = runs._measure_ipex(
+        bk._BACKENDS["ipex-sym_int4"], str(tmp_path), settings, [5, 6], log=lambda _: None
     )
     assert (seen["low_bit"], seen["threads"], seen["eval_ids"], seen["batch_sizes"]) == (
         "sym_int4",
@@ -235,21 +235,21 @@ def test_the_ipex_row_maps_notebook_03s_measurement(monkeypatch, tmp_path: Path)
         runs.ipex, "measure_format_in_env", lambda *a, **k: {"format": "x", "error": "boom"}
     )
     with pytest.raises(RuntimeError, match="boom"):
-        runs.measure_ipex(
-            bk.BACKENDS["ipex-sym_int4"], str(tmp_path), settings, [5], log=lambda _: None
+        runs._measure_ipex(
+            bk._BACKENDS["ipex-sym_int4"], str(tmp_path), settings, [5], log=lambda _: None
         )
 
 
 def test_server_command_lines(tmp_path: Path, monkeypatch):
-    cpu = runs.make_server(bk.BACKENDS["vllm-bf16"], str(tmp_path), on_gpu=False)
+    cpu = runs._make_server(bk._BACKENDS["vllm-bf16"], str(tmp_path), on_gpu=False)
     assert cpu.argv[1:3] == ["-m", "vllm.entrypoints.openai.api_server"]
     assert {"--dtype", "bfloat16", "--enforce-eager"} <= set(cpu.argv)
     assert cpu.env["VLLM_CPU_KVCACHE_SPACE"] == "1" and cpu.host == "127.0.0.1"
-    gpu = runs.make_server(bk.BACKENDS["vllm-gptq-int4"], str(tmp_path), on_gpu=True)
+    gpu = runs._make_server(bk._BACKENDS["vllm-gptq-int4"], str(tmp_path), on_gpu=True)
     assert "--gpu-memory-utilization" in gpu.argv and "--dtype" not in gpu.argv
     assert gpu.env == {} and gpu.before_start is not None, "free GPU memory is checked first"
     monkeypatch.setattr(runs, "kernel_python", lambda kernel, venv: None)
-    trt = runs.make_server(bk.BACKENDS["trtllm"], str(tmp_path), on_gpu=True)
+    trt = runs._make_server(bk._BACKENDS["trtllm"], str(tmp_path), on_gpu=True)
     verified = json.loads((ROOT / "labhelpers" / "data" / "trtllm_flags.json").read_text())
     flags = [w for w in trt.argv if w.startswith("--")]
     assert set(flags) <= set(verified["tools"]["trtllm-serve"]["flags"]), flags
@@ -282,7 +282,7 @@ def test_server_perplexity_reads_prompt_logprobs_window_by_window(monkeypatch):
     monkeypatch.setattr(httpx, "post", post)
     ids = [i % 11 for i in range(30)]
     settings = bk.Settings(eval_window=16, eval_stride=8)
-    got = runs.server_perplexity("http://127.0.0.1:1", "m", ids, settings)
+    got = runs._server_perplexity("http://127.0.0.1:1", "m", ids, settings)
     assert got == pytest.approx(perplexity_from_logprobs(model.logprobs, ids, window=16, stride=8))
     assert [len(b["prompt"]) for b in bodies] == [16, 16, 14]  # windows start at 0, 8, 16
     assert all(
@@ -297,7 +297,7 @@ def test_server_perplexity_says_what_the_server_answered(monkeypatch):
 
     monkeypatch.setattr(httpx, "post", refusing)
     with pytest.raises(httpx.HTTPStatusError, match="400"):
-        runs.server_perplexity("http://127.0.0.1:1", "m", list(range(10)), bk.Settings())
+        runs._server_perplexity("http://127.0.0.1:1", "m", list(range(10)), bk.Settings())
 
     def silent(url, json, timeout):
         return httpx.Response(
@@ -306,7 +306,7 @@ def test_server_perplexity_says_what_the_server_answered(monkeypatch):
 
     monkeypatch.setattr(httpx, "post", silent)
     with pytest.raises(RuntimeError, match="no prompt_logprobs"):
-        runs.server_perplexity("http://127.0.0.1:1", "m", list(range(10)), bk.Settings())
+        runs._server_perplexity("http://127.0.0.1:1", "m", list(range(10)), bk.Settings())
 
 
 # --------------------------------------------------------------------------- run
@@ -342,7 +342,7 @@ def test_run_never_raises_and_every_row_says_why(monkeypatch, tmp_path: Path):
     result = compare.run(None, settings, log=lines.append, machine=MACHINE)
     assert resolved == [settings.model, "/work/q"]
     by = {r["backend"]: r for r in result.rows}
-    assert list(by) == list(bk.BACKENDS)
+    assert list(by) == list(bk._BACKENDS)
     assert by["vllm-bf16"]["status"] == "failed"
     assert "OSError: port 8000 taken" in by["vllm-bf16"]["skipped_reason"]
     assert by["trtllm"]["skipped_reason"] == "no tensorrt-llm here"
@@ -353,7 +353,7 @@ def test_run_never_raises_and_every_row_says_why(monkeypatch, tmp_path: Path):
 
 def test_skipped_row_has_every_column_and_no_numbers():
     r = skipped("trtllm", "needs an NVIDIA GPU")
-    assert set(compare.COLUMNS) <= set(r)
+    assert set(compare._COLUMNS) <= set(r)
     assert r["status"] == "skipped" and r["skipped_reason"] == "needs an NVIDIA GPU"
     assert r["decode_tok_s"] is None and r["perplexity"] is None
 
@@ -380,7 +380,7 @@ def test_finish_rows_roofline_twin_perplexity_and_top_level(tmp_path: Path):
             {"concurrency": 16, "aggregate_tok_s": None},
         ],
     )
-    compare.finish_rows([tf, fp32, server], MACHINE)
+    compare._finish_rows([tf, fp32, server], MACHINE)
     context = 10 + 20 // 2
     per_token = (
         10**9 + 2 * 2 * 1 * 4 * context * 2
@@ -395,11 +395,11 @@ def test_finish_rows_roofline_twin_perplexity_and_top_level(tmp_path: Path):
 
 
 def test_default_out_dir_names_the_machine():
-    assert compare.default_out_dir(MACHINE) == ROOT / "docs" / "results" / "cpu-2core"
+    assert _default_out_dir(MACHINE) == ROOT / "docs" / "results" / "cpu-2core"
     gpu = MACHINE | {"gpu_usable": True, "gpus": [{"name": "NVIDIA A10G"}]}
-    assert compare.default_out_dir(gpu).name == "gpu-nvidia-a10g"
-    assert compare.machine_words(gpu) == "this GPU (NVIDIA A10G)"
-    assert compare.machine_words(MACHINE) == "this CPU (Test CPU, 2 cores)"
+    assert _default_out_dir(gpu).name == "gpu-nvidia-a10g"
+    assert compare._machine_words(gpu) == "this GPU (NVIDIA A10G)"
+    assert compare._machine_words(MACHINE) == "this CPU (Test CPU, 2 cores)"
 
 
 def test_describe_machine_measures_the_decoding_devices_bandwidth():
@@ -430,7 +430,7 @@ TABLE = [
 
 
 def test_recommendation_is_computed_from_the_numbers():
-    text = rec.recommend(TABLE, max_ppl_increase=0.5)
+    text = rec._recommend(TABLE, max_ppl_increase=0.5)
     lines = text.splitlines()
     # ipex is fastest but +90% perplexity: too costly, so GPTQ through transformers wins
     assert lines[0].startswith("- For one user on this machine: transformers-gptq-int4 — 50.0")
@@ -445,25 +445,25 @@ def test_recommendation_is_computed_from_the_numbers():
 
 
 def test_a_looser_quality_bar_changes_the_answer():
-    text = rec.recommend(TABLE, max_ppl_increase=1.0)
+    text = rec._recommend(TABLE, max_ppl_increase=1.0)
     assert text.splitlines()[0].startswith("- For one user on this machine: ipex-sym_int4")
 
 
 def test_ties_go_to_the_smaller_memory_and_are_said():
     rows = [row("vllm-bf16", 51.0, mem=3.8), row("transformers-bf16", 50.0, mem=0.9)]
-    first = rec.recommend(rows).splitlines()[0]
+    first = rec._recommend(rows).splitlines()[0]
     assert "transformers-bf16 — 50.0" in first
     assert "vllm-bf16 is as good (within 5%" in first and "smaller memory" in first
-    clear = rec.recommend(rows, tie_tolerance=0.01).splitlines()[0]
+    clear = rec._recommend(rows, tie_tolerance=0.01).splitlines()[0]
     assert "vllm-bf16 — 51.0" in clear and "as good" not in clear
 
 
 def test_missing_columns_and_rows_are_handled():
-    text = rec.recommend([row("transformers-bf16", 30.0, ppl=None, mem=None)])
+    text = rec._recommend([row("transformers-bf16", 30.0, ppl=None, mem=None)])
     assert "For one user on this machine: transformers-bf16 — 30.0 tokens/s decode" in text
     assert "No backend was measured under concurrency" in text
     assert "no perplexity was measured" in text and "Smallest footprint" not in text
-    no_ref = rec.recommend([row("vllm-gptq-int4", 30.0, ppl=12.5)])
+    no_ref = rec._recommend([row("vllm-gptq-int4", 30.0, ppl=12.5)])
     assert "vllm-gptq-int4 12.50" in no_ref and "cost of quantizing is unknown" in no_ref
 
 
@@ -473,7 +473,7 @@ def test_all_skipped_tables_get_a_sentence_with_the_reasons():
     table = pd.DataFrame(
         [skipped("trtllm", "needs an NVIDIA GPU"), skipped("vllm-bf16", "no vllm")]
     )
-    assert rec.recommend(table, machine="a laptop").splitlines() == [
+    assert rec._recommend(table, machine="a laptop").splitlines() == [
         "- No backend was measured on a laptop, so there is nothing to recommend.",
         "- Not measured here: trtllm (needs an NVIDIA GPU); vllm-bf16 (no vllm).",
     ]
@@ -481,7 +481,7 @@ def test_all_skipped_tables_get_a_sentence_with_the_reasons():
 
 def test_when_every_backend_is_too_costly_the_choice_says_so():
     rows = [row("transformers-bf16", 10.0, ppl=10.0), row("ipex-sym_int4", 20.0, ppl=30.0)]
-    text = rec.recommend(rows, max_ppl_increase=-0.5)
+    text = rec._recommend(rows, max_ppl_increase=-0.5)
     assert "Every measured backend loses more than -50%" in text
     assert "For one user on this machine: ipex-sym_int4" in text
 
@@ -489,7 +489,7 @@ def test_when_every_backend_is_too_costly_the_choice_says_so():
 def test_numbers_and_records_drop_nan():
     import pandas as pd
 
-    assert [rec.number(v) for v in (1, 2.5, math.nan, None, "3", True, math.inf)] == [
+    assert [rec._number(v) for v in (1, 2.5, math.nan, None, "3", True, math.inf)] == [
         1.0,
         2.5,
         None,
@@ -499,14 +499,14 @@ def test_numbers_and_records_drop_nan():
         None,
     ]  # noqa: E501
     df = pd.DataFrame([{"backend": "a", "x": math.nan}, {"backend": "b", "x": 1.0}])
-    assert rec.as_records(df) == [{"backend": "a", "x": None}, {"backend": "b", "x": 1.0}]
+    assert rec._records(df) == [{"backend": "a", "x": None}, {"backend": "b", "x": 1.0}]
     assert (
-        rec.reference([row("vllm-bf16", 1, ppl=9.0), row("transformers-bf16", 1, ppl=8.0)])[
+        rec._reference([row("vllm-bf16", 1, ppl=9.0), row("transformers-bf16", 1, ppl=8.0)])[
             "backend"
         ]
         == "transformers-bf16"
     )  # noqa: E501
-    assert rec.reference([row("ipex-sym_int4", 1, ppl=9.0)]) is None
+    assert rec._reference([row("ipex-sym_int4", 1, ppl=9.0)]) is None
 
 
 # --------------------------------------------------------------------------- files
@@ -529,7 +529,7 @@ def test_write_produces_csv_json_and_chart(tmp_path: Path):
     files = result.write(tmp_path / "out")
     with open(files["results.csv"], newline="") as fh:
         table = list(csv.DictReader(fh))
-    assert tuple(table[0]) == compare.COLUMNS
+    assert tuple(table[0]) == compare._COLUMNS
     assert [r["backend"] for r in table] == [r["backend"] for r in TABLE]
     assert table[-1]["skipped_reason"] == "needs an NVIDIA GPU (none found)"
     data = json.loads(files["results.json"].read_text())
@@ -550,7 +550,7 @@ def test_plot_comparison_takes_plain_rows():
         {"backend": "transformers-fp32", "concurrency": c, "aggregate_tok_s": 10.0 * c}
         for c in (1, 2)
     ]
-    fig = rec.plot_comparison(TABLE, sweep, title="t", reference_name="transformers-gptq-int4")
+    fig = rec.plot_comparison(TABLE, sweep, title="t")
     try:
         assert len(fig.axes) == 3 and fig._suptitle.get_text() == "t"
         assert [t.get_text() for t in fig.axes[0].texts] == [r["backend"] for r in TABLE[:4]]
@@ -575,7 +575,7 @@ def test_the_standin_measured_in_a_worker(standin_path: Path, tmp_cache: Path):
     )
     lines: list[str] = []
     got = runs.measure(
-        bk.BACKENDS["transformers-bf16"],
+        bk._BACKENDS["transformers-bf16"],
         str(standin_path),
         settings,
         list(range(100, 164)),
@@ -597,5 +597,5 @@ def test_the_standin_measured_in_a_worker(standin_path: Path, tmp_cache: Path):
     assert any("loaded in" in line for line in lines) and any(
         "perplexity" in line for line in lines
     )
-    compare.finish_rows([got], MACHINE)
+    compare._finish_rows([got], MACHINE)
     assert got["roofline_tok_s"] > 0 and got["pct_of_roofline"] > 0

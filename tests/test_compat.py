@@ -40,17 +40,17 @@ def levels(report: Report) -> dict[str, str]:
 
 
 def test_rules_file_is_valid_and_ids_unique():
-    rules = compat.load_rules()
+    rules = compat._load_rules()
     ids = [r["id"] for r in rules]
     assert len(ids) == len(set(ids))
-    assert {r["kind"] for r in rules} == set(compat.CHECKERS)
+    assert {r["kind"] for r in rules} == set(compat._CHECKERS)
 
 
 def test_malformed_rules_are_refused_naming_the_rule(tmp_path: Path):
     def load(*rules: dict) -> list:
         path = tmp_path / "rules.json"
         path.write_text(json.dumps({"rules": list(rules)}))
-        return compat.load_rules(path)
+        return compat._load_rules(path)
 
     base = {"level": "warn", "message": "m", "fix": "f"}
     with pytest.raises(ValueError, match="'my-odd-rule': kind 'astrology'"):
@@ -197,7 +197,7 @@ def test_torchvision_beside_cpu_torch(torchvision: str, warned: bool):
     ],
 )
 def test_version_matches(version, spec, expected):
-    assert compat.version_matches(version, spec) is expected
+    assert compat._version_matches(version, spec) is expected
 
 
 # --------------------------------------------------------------------------- GPUs and CPUs

@@ -21,6 +21,7 @@ import pytest
 from conftest import require
 
 from labhelpers import models
+from labhelpers.files import models_dir
 
 ROOT = Path(__file__).resolve().parent.parent
 STAMP = ROOT / ".venvs" / "core" / ".course-stamp"
@@ -63,8 +64,7 @@ def test_second_setup_is_fast_and_changes_nothing():
         / "kernel.json"
     )
     stamps = [STAMP, kernel_json] + [
-        models.standin_dir(name) / models.STANDIN_STAMP
-        for name in (models.STANDIN, models.STANDIN_GPTQ)
+        models_dir() / name / models._STANDIN_STAMP for name in ("standin", "standin-gptq-int4")
     ]
     before = [path.stat().st_mtime_ns for path in stamps]
     t0 = time.monotonic()

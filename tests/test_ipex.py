@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from labhelpers import ipex
+from labhelpers import ipex, models
 from labhelpers.ipex import LowBitFormatError, NotALowBitFolderError, check_format
 from labhelpers.machine import NotEnoughResourcesError
 
@@ -151,7 +151,7 @@ def test_bad_input_gets_a_clear_error(tmp_cache: Path, tmp_path: Path):
 # --------------------------------------------------------------------------- formats and folders
 
 
-@pytest.mark.parametrize("fmt", list(ipex.CPU_FORMATS))
+@pytest.mark.parametrize("fmt", list(ipex._CPU_FORMATS))
 def test_cpu_formats_pass(fmt: str):
     assert check_format(fmt) == fmt
     assert check_format(f" {fmt.upper()} ", TF5_CONFIG) == fmt
@@ -206,13 +206,12 @@ def test_ram_check_before_loading(tmp_path: Path):
         {"a": np.zeros((10, 20), np.float16), "b": np.zeros(5, np.float16)},
         str(tmp_path / "model.safetensors"),
     )  # noqa: E501
-    assert ipex.check_ram_for_load(tmp_path, available_gb=1.0) == pytest.approx(
-        205 * 4 / 1e9 * 1.2 + 0.5
-    )
+    check = models.check_fits_in_ram  # what notebook 03 calls before loading in fp32
+    assert check(tmp_path, 4, available_gb=1.0) == pytest.approx(205 * 4 / 1e9 * 1.2 + 0.5)
     with pytest.raises(NotEnoughResourcesError, match="at 32 bits.*save_low_bit"):
-        ipex.check_ram_for_load(tmp_path, available_gb=0.1)
+        check(tmp_path, 4, available_gb=0.1)
     with pytest.raises(FileNotFoundError):
-        ipex.check_ram_for_load(tmp_path / "nothing")
+        check(tmp_path / "nothing", 4)
 
 
 # --------------------------------------------------------------------------- kernel builds
@@ -220,10 +219,10 @@ def test_ram_check_before_loading(tmp_path: Path):
 
 def test_kernel_build_choice():
     avx512 = {"avx", "avx2", "avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"}
-    assert ipex.best_build_for(avx512) == "avx512"
-    assert ipex.best_build_for({"avx", "avx2", "avx_vnni"}) == "avxvnni"
-    assert ipex.best_build_for({"avx", "avx2", "amx_tile", "amx_int8"}) == "amx"
-    assert ipex.best_build_for({"avx"}) == "avx"
+    assert ipex._best_build_for(avx512) == "avx512"
+    assert ipex._best_build_for({"avx", "avx2", "avx_vnni"}) == "avxvnni"
+    assert ipex._best_build_for({"avx", "avx2", "amx_tile", "amx_int8"}) == "amx"
+    assert ipex._best_build_for({"avx"}) == "avx"
     amd = ipex.explain_kernel_choice("avx", "AuthenticAMD", {"avx", "avx2"})
     assert "'avx2'" in amd and "GenuineIntel" in amd
     assert "best build" in ipex.explain_kernel_choice("avx2", "GenuineIntel", {"avx", "avx2"})

@@ -7,11 +7,10 @@ import asyncio
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 
-from labhelpers import loadtest, serve
-from labhelpers.loadtest import RequestRecord
+from labhelpers import loadtest, measure, serve
+from labhelpers.loadtest import _Request as RequestRecord
 
 FAKE = Path(__file__).with_name("fake_openai_server.py")
 
@@ -21,19 +20,6 @@ FAKE = Path(__file__).with_name("fake_openai_server.py")
 # --------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("values", [[3.0], [1.0, 2.0], [5.0, 1.0, 4.0, 2.0, 3.0], [0.1] * 7])
-@pytest.mark.parametrize("q", [0, 5, 50, 95, 100])
-def test_percentile_matches_numpy(values: list[float], q: float):
-    assert loadtest.percentile(values, q) == pytest.approx(float(np.percentile(values, q)))
-
-
-def test_percentile_edge_cases():
-    assert loadtest.percentile([], 50) is None
-    assert loadtest.percentile([1.0, 2.0, 3.0, 4.0], 95) == pytest.approx(3.85)
-    with pytest.raises(ValueError):
-        loadtest.percentile([1.0], 101)
-
-
 def test_summarize_counts_tokens_over_wall_time_and_ignores_failures():
     records = [
         RequestRecord(start_s=0.0, first_token_s=0.5, end_s=2.0, completion_tokens=20),
@@ -41,7 +27,7 @@ def test_summarize_counts_tokens_over_wall_time_and_ignores_failures():
         RequestRecord(start_s=2.0, first_token_s=2.2, end_s=3.0, completion_tokens=10),
         RequestRecord(start_s=3.0, end_s=3.1, error="APIConnectionError: Connection error."),
     ]
-    level = loadtest.summarize(2, records)
+    level = loadtest._summarize(2, records)
     assert (level.requests, level.ok, level.errors) == (4, 3, 1)
     assert level.wall_s == 4.0  # first start to last end
     assert level.output_tokens == 70
@@ -59,11 +45,11 @@ def test_summarize_counts_tokens_over_wall_time_and_ignores_failures():
 
 def test_summarize_with_explicit_wall_time_and_all_failed():
     failed = [RequestRecord(0.0, 1.0, error="X: boom")] * 3
-    level = loadtest.summarize(1, failed, wall_s=1.5)
+    level = loadtest._summarize(1, failed, wall_s=1.5)
     assert level.wall_s == 1.5 and level.ok == 0 and level.errors == 3
     assert level.aggregate_tokens_per_s is None and level.ttft_p50_s is None
     assert level.first_error == "X: boom"
-    empty = loadtest.summarize(4, [])
+    empty = loadtest._summarize(4, [])
     assert empty.requests == 0 and empty.wall_s == 0.0
 
 
@@ -71,7 +57,7 @@ def test_summarize_with_explicit_wall_time_and_all_failed():
     "url", ["http://127.0.0.1:8000/v1", "http://localhost:1/v1", "http://[::1]:9/v1"]
 )
 def test_loopback_urls_are_allowed(url: str):
-    loadtest.check_loopback(url)
+    loadtest._check_loopback(url)
 
 
 @pytest.mark.parametrize("url", ["http://10.0.0.5:8000/v1", "https://api.openai.com/v1"])
@@ -82,11 +68,11 @@ def test_other_hosts_are_refused(url: str):
 
 def test_levels_are_bounded():
     with pytest.raises(ValueError, match="concurrency"):
-        asyncio.run(loadtest.run_level(None, "m", 0, 1))
+        asyncio.run(loadtest._run_level(None, "m", 0, 1))
     with pytest.raises(ValueError, match="requests"):
-        asyncio.run(loadtest.run_level(None, "m", 1, 257))
+        asyncio.run(loadtest._run_level(None, "m", 1, 257))
     with pytest.raises(ValueError, match="prompts"):
-        asyncio.run(loadtest.run_level(None, "m", 1, 1, prompts=()))
+        asyncio.run(loadtest._run_level(None, "m", 1, 1, prompts=()))
 
 
 # --------------------------------------------------------------------------------------
@@ -116,7 +102,7 @@ def test_sweep_against_fake_server(fake: serve.Server):
         assert lvl.aggregate_tokens_per_s == pytest.approx(lvl.output_tokens / lvl.wall_s)
         assert 0 < lvl.ttft_p50_s <= lvl.ttft_p95_s < lvl.e2e_p95_s
     assert len(lines) == 3 and lines[2].startswith("concurrency   4: 8/8 ok")
-    df = loadtest.to_frame(levels, model="fake")
+    df = measure.to_frame(levels, model="fake")
     assert list(df["concurrency"]) == [1, 2, 4] and set(df["model"]) == {"fake"}
     fig = loadtest.plot_sweep(df, by="model", baselines={"single stream (fake)": 100.0})
     assert len(fig.axes) == 3

@@ -74,19 +74,16 @@ def test_real_report_is_sane(real_report: Report):
     assert r.python_version == ".".join(map(str, sys.version_info[:3]))
     assert r.jupyter_kernels is None or isinstance(r.jupyter_kernels, dict)
     if sys.platform.startswith("linux"):
-        assert isinstance(r.cpu_flags, set) and r.cpu_flags <= set(machine.CPU_FLAGS_OF_INTEREST)
+        assert isinstance(r.cpu_flags, set) and r.cpu_flags <= set(machine._CPU_FLAGS)
         assert r.cpu_model
 
 
 def test_package_versions_come_from_metadata():
-    versions = machine.package_versions(["packaging", "no-such-dist-qwen-lab"])
+    versions = machine._package_versions(["packaging", "no-such-dist-qwen-lab"])
     assert versions == {"packaging": metadata.version("packaging"), "no-such-dist-qwen-lab": None}
-    assert set(machine.package_versions()) == set(machine.COURSE_PACKAGES)
 
 
-def test_report_renders_and_serialises(real_report: Report):
-    data = real_report.as_dict()
-    assert json.loads(json.dumps(data))["python_version"] == real_report.python_version
+def test_report_renders(real_report: Report):
     text = real_report.to_markdown()
     assert "**CPU**" in text and str(real_report.cpu_model) in text
     assert real_report._repr_markdown_() == text
@@ -98,7 +95,6 @@ def test_collect_report_uses_given_packages_and_gpus():
     assert r.gpus == fake
     assert r.package("vllm") == "0.6.0" and r.package("transformers") is None
     assert r.torch_version == "2.5.1+cu121" and r.torch_build == "cuda"
-    assert r.as_dict()["gpus"][0]["capability"] == (8, 6)
     assert "RTX 3090, 24.0 GiB, compute 8.6" in r.to_markdown()
 
 
@@ -119,8 +115,8 @@ def test_report_package_lookup_ignores_spelling():
     ],
 )
 def test_torch_build_from_the_local_version_tag(version, tag, build):
-    assert machine.local_version_tag(version) == tag
-    assert machine.torch_build_of(version) == build
+    assert machine._local_tag(version) == tag
+    assert machine.collect_report(packages={"torch": version}).torch_build == build
 
 
 def test_parse_cpuinfo_filters_flags():
@@ -128,55 +124,44 @@ def test_parse_cpuinfo_filters_flags():
         "processor\t: {n}\nvendor_id\t: GenuineIntel\nmodel name\t: Xeon X\n"
         "flags\t\t: fpu sse avx avx2 amx_tile\n\n"
     )
-    info = machine.parse_cpuinfo("".join(block.format(n=n) for n in range(4)))
-    assert info == {
-        "model": "Xeon X",
-        "vendor": "GenuineIntel",
-        "flags": {"avx", "avx2", "amx_tile"},
-    }
-    arm = machine.parse_cpuinfo("processor\t: 0\nFeatures\t: fp asimd sve\n")
-    assert arm == {"model": None, "vendor": None, "flags": {"asimd", "sve"}}
-    assert machine.parse_cpuinfo("processor\t: 0\n")["flags"] is None
+    info = machine._parse_cpuinfo("".join(block.format(n=n) for n in range(4)))
+    assert info == ("Xeon X", "GenuineIntel", {"avx", "avx2", "amx_tile"})
+    arm = machine._parse_cpuinfo("processor\t: 0\nFeatures\t: fp asimd sve\n")
+    assert arm == (None, None, {"asimd", "sve"})
+    assert machine._parse_cpuinfo("processor\t: 0\n")[2] is None
 
 
 def test_parse_nvidia_smi_reads_gpus_driver_and_the_banners_cuda_version():
-    driver, cuda, gpus = machine.parse_nvidia_smi(SMI_QUERY, SMI_BANNER)
+    driver, cuda, gpus = machine._parse_nvidia_smi(SMI_QUERY, SMI_BANNER)
     assert (driver, cuda) == ("535.183.01", "12.2")
     assert [(g.index, g.name, round(g.total_memory_gib, 2)) for g in gpus] == [
         (0, "NVIDIA A10G", 22.49),
         (1, "Tesla T4", 15.0),
     ]
     assert all(g.capability is None and not g.torch_visible for g in gpus)
-    assert machine.parse_nvidia_smi(SMI_QUERY) == ("535.183.01", None, gpus)
-    assert machine.parse_nvidia_smi("") == (None, None, [])
+    assert machine._parse_nvidia_smi(SMI_QUERY) == ("535.183.01", None, gpus)
+    assert machine._parse_nvidia_smi("") == (None, None, [])
     no_devices = "No devices were found"
-    assert machine.parse_nvidia_smi(no_devices, no_devices) == (None, None, [])
+    assert machine._parse_nvidia_smi(no_devices, no_devices) == (None, None, [])
 
 
-def test_nvidia_smi_and_nvcc_are_read_from_path(fake_nvidia_smi: Path, tmp_path: Path):
-    driver, cuda, gpus = machine.nvidia_smi()
-    assert (driver, cuda, [g.name for g in gpus]) == (
-        "535.183.01",
-        "12.2",
-        ["NVIDIA A10G", "Tesla T4"],
-    )
-    fake_command(
-        fake_nvidia_smi.parent,
-        "nvcc",
-        "nvcc: NVIDIA (R) Cuda compiler driver\nCuda compilation tools, release 12.4, V12.4.131",
-    )
-    assert machine.nvcc_cuda() == "12.4"
+def test_nvidia_smi_and_nvcc_are_read_from_path(fake_nvidia_smi: Path):
+    nvcc = "nvcc: NVIDIA (R) Cuda compiler driver\nCuda compilation tools, release 12.4, V12.4.131"
+    fake_command(fake_nvidia_smi.parent, "nvcc", nvcc)
+    r = machine.collect_report(packages={})
+    assert (r.nvidia_driver, r.driver_cuda, r.nvcc_cuda) == ("535.183.01", "12.2", "12.4")
+    assert [g.name for g in r.gpus] == ["NVIDIA A10G", "Tesla T4"]
 
 
 def test_missing_or_failing_tools_give_none_and_a_note(tmp_path: Path, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))
-    assert machine.nvidia_smi() == (None, None, [])
-    assert machine.nvcc_cuda() is None
+    r = machine.collect_report(packages={})
+    assert (r.nvidia_driver, r.driver_cuda, r.nvcc_cuda) == (None, None, None)
+    assert r.gpus == [] and r.notes == []
     fake_command(tmp_path / "bin", "nvidia-smi", "NVIDIA-SMI has failed", code=9)
     monkeypatch.setenv("PATH", str(tmp_path / "bin"))
-    notes: list[str] = []
-    assert machine.nvidia_smi(notes) == (None, None, [])
-    assert notes and "exited with 9" in notes[0]
+    r = machine.collect_report(packages={})
+    assert r.gpus == [] and r.notes and "exited with 9" in r.notes[0]
 
 
 # --------------------------------------------------------------------------- the GPU guard
@@ -185,7 +170,8 @@ def test_missing_or_failing_tools_give_none_and_a_note(tmp_path: Path, monkeypat
 def test_force_cpu_setting(monkeypatch):
     for value, forced in (("1", True), ("yes", True), ("0", False), ("", False)):
         monkeypatch.setenv("QWEN_LAB_FORCE_CPU", value)
-        assert machine.cpu_forced() is forced
+        assert machine._cpu_forced() is forced
+    assert machine.collect_report(packages={}).cpu_forced is forced
     monkeypatch.setenv("QWEN_LAB_FORCE_CPU", "1")
     assert machine.gpu_status() == (False, "QWEN_LAB_FORCE_CPU=1 is set, forcing the CPU path")
 
@@ -252,11 +238,8 @@ def test_available_ram_is_positive_and_below_the_total():
     assert 0 < machine.available_ram_gb() <= psutil.virtual_memory().total / 1e9
 
 
-def test_check_disk_and_free_disk_bytes(tmp_path: Path):
-    assert machine.free_disk_bytes(tmp_path / "not" / "yet") == machine.free_disk_bytes(tmp_path)
-    with pytest.raises(NotEnoughResourcesError, match="QWEN_LAB_CACHE"):
-        machine.check_disk(10**6, tmp_path, what="a huge model")
-    assert machine.check_disk(0.001, tmp_path, what="a tiny file") == 0.001
+def test_free_disk_of_a_folder_not_made_yet(tmp_path: Path):
+    assert machine._free_disk_bytes(tmp_path / "not" / "yet") == machine._free_disk_bytes(tmp_path)
 
 
 # --------------------------------------------------------------------------- GPU datasheets
@@ -273,8 +256,9 @@ def test_gpu_lookup_by_names_nvidia_smi_names_and_aliases():
     assert a100.memory_gib == 40 and a100.supports_bf16 and not a100.supports_fp8
     assert machine.gpu_spec("L40S").supports_fp8
     assert machine.gpu_spec(a100) is a100
-    known = machine.known_gpus()
-    assert len(known) >= 20 and all(isinstance(g, GpuSpec) for g in known.values())
+    names = [k for k in json.loads(machine._GPUS_FILE.read_text()) if k[0] != "_"]
+    assert len(names) >= 20 and all(machine.gpu_spec(n).name == n for n in names)
+    assert isinstance(machine.gpu_spec("T4"), GpuSpec) and machine.gpu_spec("T4").arch == "Turing"
 
 
 def test_unknown_and_ambiguous_gpus_are_clear_errors():

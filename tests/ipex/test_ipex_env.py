@@ -20,6 +20,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("IPEX_LLM_LAST_LM_HEAD", "0")
 
 from labhelpers import ipex, models  # noqa: E402
+from labhelpers.files import models_dir  # noqa: E402
 from labhelpers.measure import heldout_text  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -41,10 +42,10 @@ def test_labhelpers_imports_here(module: str):
 
 @pytest.fixture(scope="module")
 def adapted(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    if not models.standin_built(models.STANDIN):
+    if not models.standin_built("standin"):
         pytest.fail("the stand-in is not built: run ./course setup")
     dest = tmp_path_factory.mktemp("tf437") / "standin"
-    return ipex.for_transformers_4_37(models.standin_dir(models.STANDIN), dest=dest, log=print)
+    return ipex.for_transformers_4_37(models_dir() / "standin", dest=dest, log=print)
 
 
 @pytest.fixture(scope="module")
@@ -89,13 +90,13 @@ def int4_model(adapted: Path) -> Any:
 def test_sym_int4_answers_and_maps_one_kernel_build(int4_model: Any, tokenizer: Any):
     assert "Paris" in _answer(int4_model, tokenizer)
     builds = ipex.loaded_kernel_builds()
-    assert len(builds) == 1 and set(builds) <= set(ipex.KERNEL_BUILDS)
+    assert len(builds) == 1 and set(builds) <= set(ipex._KERNEL_BUILDS)
 
 
 def test_all_position_logits_makes_perplexity_possible(int4_model: Any, tokenizer: Any):
     import torch
 
-    ipex.all_position_logits(int4_model)
+    ipex._all_position_logits(int4_model)
     with torch.inference_mode():
         logits = int4_model(torch.tensor([[1, 2, 3, 4, 5]])).logits
     assert logits.shape[:2] == (1, 5)
@@ -138,7 +139,7 @@ def test_measure_format_gives_notebook_03s_row(tmp_path: Path, tokenizer: Any, i
     int4_model.save_low_bit(str(tmp_path / "saved"))
     lines: list[str] = []
     row = ipex.measure_format(
-        str(models.standin_dir(models.STANDIN)),
+        str(models_dir() / "standin"),
         "sym_int4",
         max_new_tokens=8,
         repeats=1,
@@ -155,6 +156,6 @@ def test_measure_format_gives_notebook_03s_row(tmp_path: Path, tokenizer: Any, i
     )
     assert 0 < row["streamed_bytes"] <= row["weights_bytes"]
     assert math.isfinite(row["perplexity"]) and 1 < row["perplexity"] < 1000
-    assert row["kernel_build"] in ipex.KERNEL_BUILDS
+    assert row["kernel_build"] in ipex._KERNEL_BUILDS
     assert [lv["concurrency"] for lv in row["sweep"]] == [2]
     assert any("perplexity" in line for line in lines)
