@@ -163,12 +163,83 @@ def _cuda(rule: _Rule, r: Report) -> list[Finding]:
     return [_finding(rule, "CUDA", driver=r.nvidia_driver, driver_cuda=r.driver_cuda, **facts)]
 
 
+# ---------------------------------------------- issue 16: kernels per device, disk, model types
+
+
+def _kernel_table(rule: _Rule, report: Report) -> list[Finding]:
+    """Which int4/fp8 kernels of each engine this device can use. ``device: "gpu"``: a row
+    needs compute capability ``min``; ``"cpu"``: every flag in ``flags`` (and ``vendor``)."""
+    rows = rule["kernels"]
+    if rule["device"] == "gpu":
+        devices = [(f"GPU {g.index}", g.name, g.capability_text,
+                    lambda r, g=g: tuple(g.capability) >= tuple(r["min"]))
+                   for g in report.gpus if g.capability is not None]  # fmt: skip
+    elif report.cpu_flags is None or report.machine.lower() not in rule.get("arch", ["x86_64"]):
+        return []
+    else:
+
+        def cpu_has(r: _Rule, flags: set[str] = report.cpu_flags) -> bool:
+            return set(r.get("flags", [])) <= flags and r.get("vendor") in (None, report.cpu_vendor)
+
+        devices = [("CPU", report.cpu_model or "unknown", None, cpu_has)]
+    out = []
+    for subject, name, cc, works in devices:
+        usable = [f"{r['engine']} {r['kernel']}" for r in rows if works(r)]
+        needs = [f"{r['engine']} {r['kernel']} (needs {_need(r)})" for r in rows if not works(r)]
+        if not needs:
+            out.append(_ok(rule, f"{name} can use {', '.join(usable)}", subject))
+            continue
+        text = dict(usable=", ".join(usable) or "none", unusable="; ".join(needs))
+        out.append(_finding(rule, subject, device=name, cc=cc, **text))
+    return out
+
+
+def _need(row: _Rule) -> str:
+    if "min" in row:
+        return "compute capability {}.{}".format(*row["min"])
+    vendor = [f"a {row['vendor']} CPU"] if "vendor" in row else []
+    return " and ".join([*row.get("flags", []), *vendor])
+
+
+def _disk(rule: _Rule, report: Report) -> list[Finding]:
+    """Free disk where the models go (the report's ``disk_path``, the course cache) against the
+    models.json download sizes of ``models`` x ``margin``; ``gpu`` true/false: only on
+    machines with / without an NVIDIA GPU."""
+    if report.disk_free_gib is None or rule.get("gpu", bool(report.gpus)) != bool(report.gpus):
+        return []
+    from labhelpers.files import GB, GIB
+    from labhelpers.models import registry
+
+    need = sum(registry()[m].size_gb for m in rule["models"]) * rule.get("margin", 1.1)
+    free = report.disk_free_gib * GIB / GB
+    if free >= need:
+        return [_ok(rule, f"{free:.1f} GB free at {report.disk_path}", "disk")]
+    values = dict(path=report.disk_path, free=f"{free:.1f}", need=f"{need:.1f}")
+    return [_finding(rule, "disk", models=", ".join(rule["models"]), **values)]
+
+
+def _model_types(rule: _Rule, report: Report) -> list[Finding]:
+    """The ``model_type`` values (config.json) the installed ``package`` does not know yet:
+    ``types`` maps each to the versions that know it."""
+    pkg, have = rule["package"], report.package(rule["package"])
+    if have is None:
+        return []
+    unknown = {t: spec for t, spec in rule["types"].items() if not _version_matches(have, spec)}
+    if not unknown:
+        return [_ok(rule, f"{pkg} {have} knows {', '.join(rule['types'])}", pkg)]
+    types = ", ".join(f"'{t}' (needs {pkg}{spec})" for t, spec in unknown.items())
+    return [_finding(rule, pkg, pkg=pkg, have=have, types=types, first=next(iter(unknown)))]
+
+
 _CHECKERS = {
     "requires": (_requires, ("when", "need")),
     "conflict": (_conflict, ("packages",)),
     "gpu_capability": (_gpu_capability, ("min",)),
     "cpu": (_cpu, ("check",)),
     "cuda": (_cuda, ("check",)),
+    "kernel_table": (_kernel_table, ("device", "kernels")),
+    "disk": (_disk, ("models",)),
+    "model_types": (_model_types, ("package", "types")),
 }
 
 
@@ -186,6 +257,8 @@ def _load_rules(path: str | Path | None = None) -> list[dict[str, Any]]:
             )
         for cond in [*rule.get("when", []), *rule.get("need", []), *rule.get("packages", [])]:
             SpecifierSet(cond.get("spec", ""))  # raises InvalidSpecifier (a ValueError)
+        for spec in rule.get("types", {}).values():
+            SpecifierSet(spec)
     return rules
 
 

@@ -7,6 +7,7 @@ OpenAI client themselves; a shared machine is noisy, so runs are warmed up and r
 from __future__ import annotations
 
 import math
+import re
 import statistics
 import sys
 import threading
@@ -395,6 +396,86 @@ def perplexity_from_logprobs(score: Callable[[list[int]], Sequence[float]],
         if scored_up_to == len(ids):
             break
     return math.exp(nll / counted)
+
+
+# ---------------------------------------------- issue 16: is the quantized model broken?
+
+#: The quality sanity check's fixed prompt (greedy answer) and perplexity text (notebooks 01,
+#: 02, 03, 05, 06, 08): ``heldout_text(SANITY_TOPICS)``, scored by each notebook's own API.
+SANITY_PROMPT = "What is the capital of France? Answer in one sentence."
+SANITY_TOPICS = ("execmodel",)
+_REPEATED = re.compile(r"(.{1,8}?)\1{7,}", re.S)  # one short piece, 8+ times in a row
+
+
+@dataclass
+class QualityVerdict:
+    """:func:`quality_verdict`'s answer: ``level`` 'ok' | 'degraded' | 'broken', why, and
+    the numbers it was judged on."""
+
+    label: str
+    level: str
+    reasons: list[str]
+    answer: str
+    reference_answer: str
+    perplexity_ratio: float | None = None
+
+    @property
+    def broken(self) -> bool:
+        return self.level == "broken"
+
+    def __str__(self) -> str:
+        icon = {"ok": "✅", "degraded": "⚠️ ", "broken": "❌"}[self.level]
+        why = "; ".join(self.reasons) or "answer not empty, repeated or garbled (no perplexity)"
+        answers = f"answer:    {self.answer[:120]!r}\n   reference: {self.reference_answer[:120]!r}"
+        return f"{icon} {self.label}: {self.level.upper()} — {why}\n   {answers}"
+
+
+def _answer_problems(text: str) -> list[str]:
+    stripped = text.strip()
+    if not stripped:
+        return ["empty answer"]
+    problems = []
+    longest = max((m.end() - m.start() for m in _REPEATED.finditer(stripped)), default=0)
+    if longest >= max(16, len(stripped) // 2):
+        problems.append(f"degenerate repetition ({stripped[:24]!r}…)")
+    if stripped.count("\ufffd") > len(stripped) // 10:
+        problems.append("garbled bytes (U+FFFD)")
+    return problems
+
+
+def quality_verdict(
+    answer: str,
+    reference_answer: str,
+    perplexity: float | None = None,
+    reference_perplexity: float | None = None,
+    *,
+    label: str = "quantized",
+    degraded_ratio: float = 1.25,
+    broken_ratio: float = 2.0,
+) -> QualityVerdict:
+    """Is a quantized model broken? Compares its greedy answer to :data:`SANITY_PROMPT` and
+    its perplexity on :data:`SANITY_TOPICS` with the unquantized twin's, measured in the same
+    run. Broken: an empty answer, one short piece repeated ("!!!!!!"), garbled bytes, a
+    non-finite perplexity or more than ``broken_ratio`` x the twin's; degraded: more than
+    ``degraded_ratio`` x. Raises ValueError when the twin fails the same checks (then the
+    prompt, template or twin is at fault, not the quantization)."""
+    if problems := _answer_problems(reference_answer):
+        raise ValueError(f"the unquantized reference fails the check too ({problems[0]}): "
+                         "fix the prompt, chat template or reference model first")  # fmt: skip
+    reasons, ratio = _answer_problems(answer), None
+    level = "broken" if reasons else "ok"
+    if perplexity is not None and reference_perplexity is not None:
+        ratio = perplexity / reference_perplexity if math.isfinite(perplexity) else math.inf
+        text = f"perplexity {perplexity:.2f} vs {reference_perplexity:.2f} (x{ratio:.2f})"
+        if ratio > broken_ratio:
+            level = "broken"
+            reasons.append(f"{text}: blow-up beyond x{broken_ratio:g}")
+        elif ratio > degraded_ratio:
+            level = "broken" if level == "broken" else "degraded"
+            reasons.append(f"{text}: worse than x{degraded_ratio:g}")
+        else:
+            reasons.append(text)
+    return QualityVerdict(label, level, reasons, answer, reference_answer, ratio)
 
 
 # --------------------------------------------------------------------------- tables, charts

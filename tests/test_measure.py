@@ -483,3 +483,47 @@ def test_to_frame_and_plot_results():
     plt.close(fig)
     with pytest.raises(ValueError, match="not_a_metric"):
         measure.plot_results(df, metrics=("not_a_metric",))
+
+
+# --------------------------------------------------------------------------- quality verdict
+
+PARIS = "The capital of France is Paris."
+
+
+@pytest.mark.parametrize(
+    ("answer", "ppl", "level", "why"),
+    [
+        (PARIS, 14.0, "ok", "perplexity 14.00 vs 13.50 (x1.04)"),
+        ("Paris is the capital.", 17.8, "degraded", "worse than x1.25"),
+        ("!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!", 14.0, "broken", "degenerate repetition"),
+        ("Paris" + " ok" * 12, 14.0, "broken", "degenerate repetition"),
+        ("", 14.0, "broken", "empty answer"),
+        ("   \n", None, "broken", "empty answer"),
+        ("\ufffd\ufffd\ufffd Par\ufffds", 14.0, "broken", "garbled bytes"),
+        (PARIS, 812.0, "broken", "blow-up beyond x2"),
+        (PARIS, float("nan"), "broken", "(xinf)"),
+        (PARIS, None, "ok", ""),
+        ("Paris!", None, "ok", ""),
+    ],
+)
+def test_quality_verdict(answer: str, ppl: float | None, level: str, why: str):
+    verdict = measure.quality_verdict(answer, PARIS, ppl, 13.5, label="GPTQ-Int4")
+    assert verdict.level == level and verdict.broken is (level == "broken")
+    assert why in "; ".join(verdict.reasons)
+    text = str(verdict)
+    assert text.startswith({"ok": "✅", "degraded": "⚠️", "broken": "❌"}[level])
+    assert f"GPTQ-Int4: {level.upper()}" in text and repr(PARIS) in text
+    if ppl is None and level == "ok":
+        assert "(no perplexity)" in text
+
+
+def test_quality_verdict_keeps_ordinary_answers_and_repeated_sentences():
+    sentence = "The capital of France is Paris. " * 3  # a small model's loop is not broken output
+    assert measure.quality_verdict(sentence, PARIS).level == "ok"
+    assert measure.quality_verdict("1. Paris\n2. Lyon\n3. Nice", PARIS).level == "ok"
+    assert measure.quality_verdict("1000000000", PARIS).level == "ok", "9 zeros: a number"
+
+
+def test_quality_verdict_refuses_a_broken_reference():
+    with pytest.raises(ValueError, match="reference fails the check too \\(empty answer\\)"):
+        measure.quality_verdict(PARIS, "")
