@@ -432,7 +432,7 @@ def _download(spec: ModelSpec, log: _Log = print) -> Path | None:
             else:
                 from huggingface_hub import snapshot_download
 
-                snapshot_download(model_id, local_dir=str(dest))
+                snapshot_download(model_id, local_dir=str(dest), endpoint=_hf_endpoint())
         except Exception as exc:  # network errors come in many types: try the next hub
             log(f"  ✗ {hub}: download failed ({type(exc).__name__}: {exc}); run again to resume")
             continue
