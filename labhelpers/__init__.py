@@ -18,7 +18,9 @@ bench around them. One noun per module; a module imports only modules above it i
     serve      start/stop OpenAI-compatible servers; vLLM command lines              (04-09)
     loadtest   concurrent streamed requests, percentiles, sweep plot                 (05, 07)
     sizing     TensorRT-LLM memory/feasibility from config.json                      (04, 05)
-    compare/   notebook 06: every backend measured, the recommendation, the CLI      (06)
+
+Built on the bench, never imported by it: ``whichbackend`` (notebook 06's comparison of every
+backend, ``python -m whichbackend``), ``tools/`` (set-up commands) and ``apps/`` (chat pages).
 """
 
 __version__ = "0.2.0"

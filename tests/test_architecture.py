@@ -3,8 +3,9 @@ somewhere outside its module and the tests, and ``import labhelpers.<module>`` i
 
 The order is the map in labhelpers/__init__.py's docstring: a module may import only modules
 listed above it. Every import counts, also one inside a function, and so does a job another
-process runs by name (``envs.run_in_env(python, "labhelpers.ipex:measure_format")``). The
-sub-package compare/ sits at the bottom of the map; inside it the order is COMPARE_ORDER.
+process runs by name (``envs.run_in_env(python, "labhelpers.ipex:measure_format")``).
+Notebook 06's comparison is an application on top of the bench, the package ``whichbackend``:
+labhelpers never imports it, and its code counts as a user of labhelpers' names.
 """
 
 from __future__ import annotations
@@ -22,11 +23,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "labhelpers"
-# Inside compare/: the backends and settings, how each backend is measured, the comparison
-# itself with its recommendation and chart (__init__), its command line (__main__).
-COMPARE_ORDER = ("compare.backends", "compare.runs", "compare", "compare.__main__")
 #: What is searched for uses of a public name, besides the other labhelpers modules.
-CODE_USERS = ("notebooks/*.ipynb", "tools/**/*.py", "apps/**/*.py")
+CODE_USERS = ("notebooks/*.ipynb", "tools/**/*.py", "apps/**/*.py", "whichbackend/**/*.py")
 TEXT_USERS = (
     "course",
     ".ci/*",
@@ -57,7 +55,7 @@ HEAVY = (
 
 
 def module_name(path: Path) -> str:
-    """``files`` for labhelpers/files.py, ``compare`` for compare/__init__.py, ``compare.runs``."""
+    """``files`` for labhelpers/files.py."""
     parts = list(path.relative_to(PACKAGE).with_suffix("").parts)
     if parts[-1] == "__init__":
         parts.pop()
@@ -68,12 +66,12 @@ MODULES = {module_name(p): p for p in sorted(PACKAGE.rglob("*.py")) if p != PACK
 
 
 def layer_order() -> list[str]:
-    """The modules in the order of labhelpers/__init__.py's map (``compare/`` expanded)."""
+    """The modules in the order of labhelpers/__init__.py's map."""
     doc = ast.get_docstring(ast.parse((PACKAGE / "__init__.py").read_text(encoding="utf-8"))) or ""
     order = []
     for line in doc.splitlines():
         if match := re.match(r"^ {4}(\w+)(/?) {2,}\S", line):
-            order += list(COMPARE_ORDER) if match[2] else [match[1]]
+            order.append(match[1])
     return order
 
 
@@ -154,12 +152,14 @@ def test_there_is_no_import_circle():
         pytest.fail(f"import circle: {' -> '.join(exc.args[1])}")
 
 
-def test_the_standin_builder_and_the_cli_are_imported_by_nothing():
-    graph = import_graph()
-    for command in ("standin", "compare.__main__"):
-        importers = sorted(m for m, edges in graph.items() if command in edges)
-        cli = f"python -m labhelpers.{command.removesuffix('.__main__')}"
-        assert not importers, f"{command} is a command ({cli}), but {importers} import it"
+def test_the_bench_never_imports_the_applications_built_on_it():
+    """whichbackend (notebook 06), tools/ and apps/ use labhelpers, never the other way."""
+    for path in MODULES.values():
+        for node in ast.walk(parse(path)):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            names += [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            bad = [n for n in names if n.split(".")[0] in ("whichbackend", "standin", "gpu_check")]
+            assert not bad, f"{path.relative_to(ROOT)}:{node.lineno} imports {bad}"
 
 
 # --------------------------------------------------------------------------- unused public names
@@ -201,7 +201,7 @@ def is_main_block(node: ast.stmt) -> bool:
 def code_references(tree: ast.Module, package: str = "") -> set[tuple[str, str]]:
     """(module, name) pairs a piece of code uses: ``from labhelpers.m import name``,
     ``m.name`` after ``from labhelpers import m`` / ``import labhelpers.m as x``, chains such as
-    ``labhelpers.compare.backends.BACKENDS``, and jobs named in strings."""
+    ``labhelpers.machine.GpuSpec``, and jobs named in strings."""
     aliases: dict[str, str] = {}
     used: set[tuple[str, str]] = set()
     for node in ast.walk(tree):

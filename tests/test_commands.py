@@ -137,11 +137,11 @@ def test_the_scan_finds_bare_commands(code: str) -> None:
     [
         'subprocess.run([sys.executable, "-m", "pip", "install", "x"])',
         'subprocess.run([str(Path(sys.executable).parent / "trtllm-serve"), "serve", "--help"])',
-        'print("python -m labhelpers.compare --list")  # text for a terminal',
+        'print("python -m whichbackend --list")  # text for a terminal',
         '"""Run ``vllm serve MODEL`` in a terminal."""',
         'words = ["python" if a == sys.executable else a for a in argv]',
         'KNOWN = ("python",)',
-        'result.command = shlex.join(["python", "-m", "labhelpers.compare", *argv])',
+        'result.command = shlex.join(["python", "-m", "whichbackend", *argv])',
         'subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv"])',
     ],
 )

@@ -1,4 +1,4 @@
-"""labhelpers.compare (notebook 06): settings and backends, the CLI, how each backend is measured,
+"""whichbackend (notebook 06): settings and backends, the CLI, how each backend is measured,
 the derived columns, the recommendation and the files, on fake rows and fake servers; one slow
 test measures the stand-in for real through the worker protocol."""
 
@@ -14,14 +14,14 @@ from pathlib import Path
 import httpx
 import pytest
 
-from labhelpers import compare
-from labhelpers.compare import backends as bk
-from labhelpers.compare import runs
-from labhelpers.compare.__main__ import _default_out_dir
-from labhelpers.compare.__main__ import _main as cli_main
-from labhelpers.compare.__main__ import _parse_args as parse_args
+import whichbackend as compare
+from whichbackend import backends as bk
+from whichbackend import runs
+from whichbackend.__main__ import _default_out_dir
+from whichbackend.__main__ import _main as cli_main
+from whichbackend.__main__ import _parse_args as parse_args
 
-rec = compare  # the table, the recommendation and the chart live in compare/__init__.py
+rec = compare  # the table, the recommendation and the chart live in whichbackend/__init__.py
 ROOT = Path(__file__).resolve().parent.parent
 MACHINE = {
     "date": "2026-11-25T10:00:00+00:00",
@@ -150,7 +150,7 @@ def test_cli_rejects_bad_arguments(bad, capsys):
 
 
 def test_cli_lists_the_backends_and_why_they_cannot_run(monkeypatch, capsys):
-    cli = importlib.import_module("labhelpers.compare.__main__")
+    cli = importlib.import_module("whichbackend.__main__")
     monkeypatch.setattr(cli, "skip_reason", lambda b: "needs a GPU" if b.gpu_only else None)
     assert cli_main(["--list"]) == 0
     lines = capsys.readouterr().out.splitlines()
@@ -172,7 +172,7 @@ def test_measure_dispatches_by_runner(monkeypatch):
 
     def worker(python, function, **kwargs):
         calls.append(("worker", kwargs["backend"]))
-        assert python == sys.executable and function == "labhelpers.compare.runs:measure_in_process"
+        assert python == sys.executable and function == "whichbackend.runs:measure_in_process"
         assert kwargs["settings"] == bk.Settings().as_dict() and kwargs["eval_ids"] == [1, 2]
         assert kwargs["name"] == f"compare-{kwargs['backend']}"
         return {}

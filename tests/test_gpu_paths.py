@@ -12,7 +12,8 @@ from typing import Any
 
 import pytest
 
-from labhelpers import compare, roofline
+import whichbackend as compare
+from labhelpers import roofline
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))

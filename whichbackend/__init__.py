@@ -1,5 +1,5 @@
 """Which backend should I use? Every way of running the same model on this machine measured in
-one run next to its memory-bandwidth limit (notebook 06, ``python -m labhelpers.compare``): load
+one run next to its memory-bandwidth limit (notebook 06, ``python -m whichbackend``): load
 time, TTFT, decode tokens/s and its share of the roofline, aggregate tokens/s under concurrency,
 peak memory, disk, perplexity, the answers. A backend that cannot run gets a row saying why; the
 recommendation is computed from the table (any subset of rows, missing columns, ties).
@@ -19,8 +19,6 @@ from typing import Any
 
 from labhelpers import machine as mach
 from labhelpers import models
-from labhelpers.compare.backends import Backend, Settings, get_backends, skip_reason
-from labhelpers.compare.runs import measure
 from labhelpers.envs import jsonable
 from labhelpers.measure import heldout_text
 from labhelpers.roofline import (
@@ -29,6 +27,8 @@ from labhelpers.roofline import (
     percent_of_roofline,
     roofline_tokens_per_s,
 )
+from whichbackend.backends import Backend, Settings, get_backends, skip_reason
+from whichbackend.runs import measure
 
 _Log = Callable[[str], Any]
 #: The table's columns, in order (results.csv).

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 from labhelpers import ipex, loadtest, serve
-from labhelpers.compare.backends import Backend, Settings, get_backends
 from labhelpers.envs import dist_version, kernel_python, run_in_env
 from labhelpers.files import GB, dir_size_bytes
 from labhelpers.machine import gpu_available
@@ -30,6 +29,7 @@ from labhelpers.measure import (
     time_openai_stream,
 )
 from labhelpers.roofline import bytes_per_token
+from whichbackend.backends import Backend, Settings, get_backends
 
 _Log = Callable[[str], Any]
 _BATCHED = "static batch (one generate call)"
@@ -108,7 +108,7 @@ def measure(backend: Backend, model_dir: str, settings: Settings, eval_ids: Sequ
         return _measure_ipex(backend, model_dir, settings, eval_ids, log=log)
     job = dict(backend=backend.name, model_dir=model_dir, settings=settings.as_dict())
     return run_in_env(
-        sys.executable, "labhelpers.compare.runs:measure_in_process", log=log, **job,
+        sys.executable, "whichbackend.runs:measure_in_process", log=log, **job,
         timeout_s=settings.backend_timeout_s, env={"TRANSFORMERS_VERBOSITY": "error"},
         name=f"compare-{backend.name}", eval_ids=list(eval_ids),
     )  # fmt: skip

@@ -1,9 +1,9 @@
-"""``python -m labhelpers.compare``: notebook 06's measurement from a terminal, the same table as
+"""``python -m whichbackend``: notebook 06's measurement from a terminal, the same table as
 CSV/JSON and a chart, for comparing machines::
 
-    python -m labhelpers.compare --out-dir docs/results/cpu-2core
-    python -m labhelpers.compare --backends transformers-bf16,vllm-bf16 --max-new-tokens 32
-    python -m labhelpers.compare --list      # which backends can run here, and why not
+    python -m whichbackend --out-dir docs/results/cpu-2core
+    python -m whichbackend --backends transformers-bf16,vllm-bf16 --max-new-tokens 32
+    python -m whichbackend --list      # which backends can run here, and why not
 """
 
 from __future__ import annotations
@@ -16,15 +16,15 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from labhelpers.compare import Settings, get_backends, run, skip_reason
 from labhelpers.files import cache_dir
+from whichbackend import Settings, get_backends, run, skip_reason
 
 
 def _parse_args(argv: Sequence[str] | None = None) -> tuple[Settings, argparse.Namespace]:
     """The command line as (settings, the other options)."""
     d = Settings()
     p = argparse.ArgumentParser(
-        prog="python -m labhelpers.compare",
+        prog="python -m whichbackend",
         description="Measure every way of running one model on this machine (notebook 06).",
     )
     names = ", ".join(b.name for b in get_backends(None))
@@ -63,7 +63,7 @@ def _default_out_dir(machine: Mapping[str, Any]) -> Path:
         )
     else:
         slug = f"cpu-{machine.get('usable_cpus')}core"
-    checkout = Path(__file__).resolve().parents[2]  # the course checkout, if installed from one
+    checkout = Path(__file__).resolve().parents[1]  # the course checkout, if installed from one
     results = checkout / "docs" / "results" if (checkout / "notebooks").is_dir() else None
     return (results or cache_dir() / "results") / slug
 
@@ -79,7 +79,7 @@ def _main(argv: Sequence[str] | None = None) -> int:
     result = run(args.backends, settings)
     result.max_ppl_increase = args.max_ppl_increase
     words = sys.argv[1:] if argv is None else argv
-    result.command = shlex.join(["python", "-m", "labhelpers.compare", *words])
+    result.command = shlex.join(["python", "-m", "whichbackend", *words])
     files = result.write(Path(args.out_dir) if args.out_dir else _default_out_dir(result.machine))
     shown = "status load_s ttft_s decode_tok_s pct_of_roofline aggregate_tok_s peak_mem_gb disk_gb"
     table = result.table().set_index("backend")[[*shown.split(), "perplexity"]]
