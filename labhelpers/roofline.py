@@ -7,7 +7,6 @@ decodes (:func:`memory_bandwidth_gbps`).
 
 from __future__ import annotations
 
-import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,10 +33,11 @@ class Bandwidth:
 
 def memory_bandwidth_gbps(device: str = "cpu", *, size_mb: float | None = None, repeats: int = 5,
                           threads: int | None = None) -> Bandwidth:  # fmt: skip
-    """Measure sustained memory bandwidth with torch: the median of ``repeats`` timed reads (a
-    sum) and copies after a warm-up. ``"cpu"``: host memory with ``threads`` torch threads
-    (default: as set; compare decode speed at the same thread count). ``"cuda"``: the GPU's
-    memory, with its datasheet peak from ``labhelpers/data/gpus.json`` beside it."""
+    """Measure sustained memory bandwidth with torch: the best of ``repeats`` timed reads (a sum)
+    and copies after a warm-up, as STREAM reports it (on a shared machine other work only ever
+    makes a run slower, so the fastest run is the closest to what the memory can do).
+    ``"cpu"``: host memory with ``threads`` torch threads (default: as set; compare decode speed
+    at the same thread count). ``"cuda"``: the GPU's memory, with its datasheet peak beside it."""
     import torch
 
     cuda = device.startswith("cuda")
@@ -60,7 +60,7 @@ def memory_bandwidth_gbps(device: str = "cpu", *, size_mb: float | None = None, 
                 if cuda:
                     torch.cuda.synchronize()
                 times.append(time.perf_counter() - t0)
-            return statistics.median(times)
+            return min(times)
 
         nbytes = n * 4
         read, copy = nbytes / timed(src.sum) / GB, 2 * nbytes / timed(lambda: dst.copy_(src)) / GB
