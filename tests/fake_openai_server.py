@@ -6,6 +6,8 @@ answer is ``max_tokens`` words ("tok0 tok1 ..."), one every ``--token-delay`` se
 GET /debug/last-request returns the JSON body of the last chat request (null before the
 first), so a test can check what a client really sent (tests/test_apps.py).
 
+``--model NAME`` sets the one model it serves (default ``fake-model``).
+
 Modes (``--mode``), to exercise failure handling:
   ok            serve normally
   crash         print a message to stderr and exit with code 3 during start-up
@@ -32,6 +34,7 @@ def main() -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--mode", default="ok")
+    parser.add_argument("--model", default=MODEL)
     parser.add_argument("--api-key", default=None)
     parser.add_argument("--startup-delay", type=float, default=0.0)
     parser.add_argument("--token-delay", type=float, default=0.0)
@@ -85,7 +88,7 @@ def main() -> None:
             elif not self._authorized():
                 self._error(401, "Unauthorized")
             elif self.path == "/v1/models":
-                self._json(200, {"object": "list", "data": [{"id": MODEL, "object": "model"}]})
+                self._json(200, {"object": "list", "data": [{"id": args.model, "object": "model"}]})
             else:
                 self._error(404, f"no route {self.path}")
 
@@ -102,7 +105,7 @@ def main() -> None:
             last_request[0] = body
             if not isinstance(body.get("messages"), list):
                 return self._error(400, "messages: Input should be a valid list")
-            if body.get("model") != MODEL:
+            if body.get("model") != args.model:
                 return self._error(404, f"The model `{body.get('model')}` does not exist.")
             n = int(body.get("max_tokens") or 16)
             words = [f"tok{i} " for i in range(n)]
@@ -116,7 +119,7 @@ def main() -> None:
                         "id": "cmpl-1",
                         "object": "chat.completion",
                         "created": int(time.time()),
-                        "model": MODEL,
+                        "model": args.model,
                         "choices": [{"index": 0, "message": message, "finish_reason": "length"}],
                         "usage": usage,
                     },
@@ -133,7 +136,7 @@ def main() -> None:
                 "id": "cmpl-1",
                 "object": "chat.completion.chunk",
                 "created": int(time.time()),
-                "model": MODEL,
+                "model": args.model,
             }
             for i, word in enumerate(words):
                 time.sleep(args.token_delay)

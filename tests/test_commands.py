@@ -72,6 +72,8 @@ def notebook_cells(nb: dict) -> list[tuple[int, str, str]]:
     for i, cell in enumerate(nb["cells"]):
         if cell["cell_type"] != "code":
             continue
+        if "skip-execution" in cell.get("metadata", {}).get("tags", []):
+            continue  # shown for a terminal on another machine (a GPU box), never run here
         text = "".join(cell["source"])
         if text.startswith(("%%bash", "%%sh", "%%script")):
             out.append((i, "shell", text.split("\n", 1)[1] if "\n" in text else ""))
