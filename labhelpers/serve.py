@@ -119,14 +119,17 @@ class Server:
     """A server run from ``argv`` that listens on ``host:port``, with ``env`` added to this
     process's environment and its output in ``log_path`` (default ``<cache>/logs/serve/``);
     ``model`` (a local folder) and ``before_start`` (e.g. free GPU memory) are checked first;
-    ``api_key`` is for :meth:`client`. Use ``with Server(...) as s:`` or start/stop."""
+    ``api_key`` is for :meth:`client`; ``health_path``: what answers 200 once it is ready
+    (llama.cpp's Python server: ``/v1/models``). Use ``with Server(...) as s:`` or start/stop."""
 
     def __init__(self, argv: Sequence[str | os.PathLike[str]], *, port: int, host: str = _LOOPBACK,
                  env: Mapping[str, str] | None = None, name: str = "server",
                  log_path: str | os.PathLike[str] | None = None, api_key: str | None = None,
                  model: str | os.PathLike[str] | None = None,
-                 before_start: Callable[[], None] | None = None) -> None:  # fmt: skip
+                 before_start: Callable[[], None] | None = None,
+                 health_path: str = "/health") -> None:  # fmt: skip
         self.argv, self.port, self.host = [os.fspath(a) for a in argv], int(port), host
+        self.health_path = health_path
         self.env, self.name, self.api_key = dict(env or {}), name, api_key
         self.model, self.before_start = model, before_start
         self.log_path = Path(log_path or cache_dir() / "logs" / "serve" / f"{name}-{port}.log")
@@ -173,7 +176,7 @@ class Server:
         return f"<Server {self.name!r} {state} at {self.base_url} pid={self.pid}>"
 
     def start(self, timeout_s: float = 300, *, log: _Log = print) -> Server:
-        """Check, launch, and wait until ``GET /health`` answers 200, printing progress every
+        """Check, launch, and wait until ``GET health_path`` answers 200, printing progress every
         10 s with the newest log line. Raises :class:`ServerError` (or a model error) before
         launching, and (with the log's end; the server stopped) if it exits first or
         ``timeout_s`` passes. ``startup_s``: launch to healthy."""
@@ -209,15 +212,16 @@ class Server:
                         f"({time.monotonic() - t0:.1f} s after launch). {tail}{self.log_tail()}"
                     )
                 try:
-                    if httpx.get(self.base_url + "/health", timeout=2).status_code == 200:
+                    if httpx.get(self.base_url + self.health_path, timeout=2).status_code == 200:
                         break
                 except httpx.HTTPError:
                     pass
                 now = time.monotonic()
                 if now - t0 > timeout_s:
                     raise ServerError(
-                        f"{self.name} did not answer /health within {timeout_s:.0f} s (stopped "
-                        f"it). Raise timeout_s if the machine is busy. {tail}{self.log_tail()}"
+                        f"{self.name} did not answer {self.health_path} within {timeout_s:.0f} s "
+                        f"(stopped it). Raise timeout_s if the machine is busy. {tail}"
+                        + self.log_tail()
                     )
                 if now >= next_report + 10:
                     next_report = now

@@ -104,9 +104,11 @@ class Comparison:
 
 def describe_machine(threads: int = 1) -> dict[str, Any]:
     """Date, CPU, cores, RAM, GPUs, package versions, load average, and the memory bandwidth of
-    the device that decodes (host memory with ``threads`` threads; on a GPU its memory)."""
+    the device that decodes (host memory with ``threads`` threads; on a GPU its memory, and host
+    memory's too for the backends that decode on the CPU there: IPEX-LLM, OpenVINO, llama.cpp)."""
     report, on_gpu = mach.collect_report(), mach.gpu_available()
     bw = memory_bandwidth_gbps("cuda" if on_gpu else "cpu", threads=threads)
+    cpu_bw = memory_bandwidth_gbps("cpu", threads=threads) if on_gpu else bw
     gpus = [
         {"name": g.name, "memory_gib": g.total_memory_gib, "capability": g.capability_text}
         for g in report.gpus
@@ -121,6 +123,7 @@ def describe_machine(threads: int = 1) -> dict[str, Any]:
         "load_average_at_start": list(os.getloadavg()),
         "bandwidth_gbps": bw.read_gbps, "bandwidth_device": bw.device,
         "bandwidth_threads": bw.threads, "gpu_datasheet_gbps": bw.datasheet_gbps,
+        "cpu_bandwidth_gbps": cpu_bw.read_gbps,
     }  # fmt: skip
 
 
@@ -208,11 +211,13 @@ def _reference(rows: Iterable[Mapping[str, Any]]) -> Mapping[str, Any] | None:
 
 def _finish_rows(rows: list[dict[str, Any]], machine: Mapping[str, Any]) -> None:
     """Derived columns, in place: a server's perplexity from its twin with the same weights
-    (when it could not score text), the roofline and its percentage at the average context,
-    the top concurrency level, the perplexity increase over the reference."""
+    (when it could not score text), the roofline (host memory's for CPU-only backends) and its
+    percentage at the average context, the top concurrency level, the perplexity increase over
+    the reference."""
     by_name = {r["backend"]: r for r in rows}
     for row in (r for r in rows if r.get("status") == "measured"):
-        twin = by_name.get(get_backends([row["backend"]])[0].twin or "")
+        backend = get_backends([row["backend"]])[0]
+        twin = by_name.get(backend.twin or "")
         if _number(row.get("perplexity")) is None and twin and _number(twin.get("perplexity")):
             row["perplexity"] = twin["perplexity"]
             row["perplexity_source"] = f"from {twin['backend']} (same weights)"
@@ -226,7 +231,9 @@ def _finish_rows(rows: list[dict[str, Any]], machine: Mapping[str, Any]) -> None
                 context_tokens=context,
                 kv_bytes_per_elem=kv,
             )
-            row["roofline_tok_s"] = roofline_tokens_per_s(machine["bandwidth_gbps"], per_token)
+            cpu = backend.cpu_only and machine.get("cpu_bandwidth_gbps")
+            bandwidth = machine["cpu_bandwidth_gbps"] if cpu else machine["bandwidth_gbps"]
+            row["roofline_tok_s"] = roofline_tokens_per_s(bandwidth, per_token)
             row["pct_of_roofline"] = percent_of_roofline(decode, row["roofline_tok_s"])
         levels = [lv for lv in row.get("sweep") or [] if _number(lv.get("aggregate_tok_s"))]
         if levels:
