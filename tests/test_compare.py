@@ -132,6 +132,8 @@ def test_the_cpu_int4_rows_use_notebook_07s_and_07bs_recipes():
 
     assert bk.GGUF_TYPE in parameters("07_llama_cpp_gguf.ipynb")["QUANT_TYPES"]
     assert bk._BACKENDS["llama.cpp"].weights == f"gguf {bk.GGUF_TYPE}"
+    nb06 = (ROOT / "notebooks" / "06_which_backend.ipynb").read_text(encoding="utf-8")
+    assert f"GGUF `{bk.GGUF_TYPE}`" in nb06, "notebook 06's table names the type measured"
     p = parameters("07b_openvino_int4.ipynb")
     recipe = dict(zip(bk.OPENVINO_EXPORT[:-1:2], bk.OPENVINO_EXPORT[1::2], strict=False))
     assert recipe["--weight-format"] == p["WEIGHT_FORMAT"] == "int4"
