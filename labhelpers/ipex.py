@@ -259,7 +259,7 @@ def _peak_rss_bytes() -> int:
 # --------------------------------------------------------------------------- one format, measured
 
 
-def convert_format(model_dir: str, low_bit: str, dest: str) -> dict[str, Any]:
+def _convert_format(model_dir: str, low_bit: str, dest: str) -> dict[str, Any]:
     """``from_pretrained(load_in_low_bit=...)`` + ``save_low_bit(dest)``, timed: the one-off
     conversion (run in a fresh process: :func:`measure_format_in_env`)."""
     check_format(low_bit, model_dir)
@@ -342,7 +342,7 @@ def measure_format_in_env(model_dir: str | os.PathLike[str], low_bit: str, *, th
                           log: Any = print, **options: Any) -> dict[str, Any]:  # fmt: skip
     """:func:`measure_format` in the IPEX-LLM environment, each step in a fresh process so a
     format's peak RSS is its own and a crash cannot take the caller down: a low-bit format is
-    converted and saved first (:func:`convert_format`), then loaded with load_low_bit and
+    converted and saved first (:func:`_convert_format`), then loaded with load_low_bit and
     measured. ``OMP_NUM_THREADS`` is set before the process starts (OpenMP reads it once). A
     failure returns ``{"format": ..., "error": ...}``."""
     python = kernel_python("qwen-lab-ipex", "ipex")
@@ -356,7 +356,7 @@ def measure_format_in_env(model_dir: str | os.PathLike[str], low_bit: str, *, th
     with tempfile.TemporaryDirectory(prefix="ipex-") as tmp:
         try:
             if low_bit != _FP32:
-                convert = "labhelpers.ipex:convert_format"
+                convert = "labhelpers.ipex:_convert_format"
                 row |= run_in_env(
                     python, convert, name=f"ipex-convert-{low_bit}", dest=f"{tmp}/saved", **job
                 )

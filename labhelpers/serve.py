@@ -120,7 +120,8 @@ class Server:
     process's environment and its output in ``log_path`` (default ``<cache>/logs/serve/``);
     ``model`` (a local folder) and ``before_start`` (e.g. free GPU memory) are checked first;
     ``api_key`` is for :meth:`client`; ``health_path`` answers 200 once it is ready (a gradio
-    page: ``/config``). Use ``with Server(...) as s:`` or start/stop."""
+    page: ``/config``; llama.cpp's Python server: ``/v1/models``). Use ``with Server(...) as
+    s:`` or start/stop."""
 
     def __init__(self, argv: Sequence[str | os.PathLike[str]], *, port: int, host: str = _LOOPBACK,
                  env: Mapping[str, str] | None = None, name: str = "server",

@@ -10,11 +10,13 @@ import json
 import math
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import httpx
 import pytest
 
 import whichbackend as compare
+from labhelpers import measure
 from whichbackend import backends as bk
 from whichbackend import runs
 from whichbackend.__main__ import _default_out_dir
@@ -110,6 +112,39 @@ def test_skip_reasons_say_what_to_do(monkeypatch):
     assert "vllm is not installed" in bk.skip_reason(bk._BACKENDS["vllm-bf16"])
     assert "gptqmodel is not installed" in bk.skip_reason(bk._BACKENDS["transformers-gptq-int4"])
     assert bk.skip_reason(bk._BACKENDS["transformers-bf16"]) is None
+    reason = bk.skip_reason(bk._BACKENDS["openvino-int4"])
+    assert "OpenVINO environment (.venvs/openvino)" in reason and "./course setup" in reason
+    why = "building llama-cpp-python failed on this machine (log: /x.log)"
+    monkeypatch.setattr(bk, "llama_cpp_setup", lambda: (None, why))
+    assert bk.skip_reason(bk._BACKENDS["llama.cpp"]) == why
+    monkeypatch.setattr(bk, "llama_cpp_setup", lambda: (Path("/conv"), "llama-cpp-python 0.3.36"))
+    assert bk.skip_reason(bk._BACKENDS["llama.cpp"]) is None
+
+
+def test_the_cpu_int4_rows_use_notebook_07s_and_07bs_recipes():
+    """llama.cpp's GGUF type is one notebook 07 measures; openvino-int4 is exported like 07b."""
+
+    def parameters(name: str) -> dict:
+        nb = json.loads((ROOT / "notebooks" / name).read_text(encoding="utf-8"))
+        cell = next(c for c in nb["cells"] if "parameters" in c["metadata"].get("tags", []))
+        values: dict = {}
+        exec("".join(cell["source"]), values)  # the notebook's own knobs
+        return values
+
+    assert bk.GGUF_TYPE in parameters("07_llama_cpp_gguf.ipynb")["QUANT_TYPES"]
+    assert bk._BACKENDS["llama.cpp"].weights == f"gguf {bk.GGUF_TYPE}"
+    nb06 = (ROOT / "notebooks" / "06_which_backend.ipynb").read_text(encoding="utf-8")
+    assert f"GGUF `{bk.GGUF_TYPE}`" in nb06, "notebook 06's table names the type measured"
+    p = parameters("07b_openvino_int4.ipynb")
+    recipe = dict(zip(bk.OPENVINO_EXPORT[:-1:2], bk.OPENVINO_EXPORT[1::2], strict=False))
+    assert recipe["--weight-format"] == p["WEIGHT_FORMAT"] == "int4"
+    assert int(recipe["--group-size"]) == p["GROUP_SIZE"] and float(recipe["--ratio"]) == p["RATIO"]
+    assert bk.OPENVINO_EXPORT[-1] == "--sym" and p["SYM"] is True
+    assert {b.name for b in bk._BACKENDS.values() if b.cpu_only} == {
+        "ipex-sym_int4",
+        "openvino-int4",
+        "llama.cpp",
+    }
 
 
 # --------------------------------------------------------------------------- the CLI
@@ -178,12 +213,19 @@ def test_measure_dispatches_by_runner(monkeypatch):
         return {}
 
     monkeypatch.setattr(runs, "run_in_env", worker)
-    for name in ("vllm-bf16", "ipex-sym_int4", "transformers-fp32"):
+    for runner in ("openvino", "llama_cpp"):
+        monkeypatch.setattr(
+            runs, f"_measure_{runner}", lambda b, *a, r=runner, **k: calls.append((r, b.name)) or {}
+        )
+    names = ("vllm-bf16", "ipex-sym_int4", "transformers-fp32", "openvino-int4", "llama.cpp")
+    for name in names:
         runs.measure(bk._BACKENDS[name], "/m", bk.Settings(), (1, 2), log=lambda _: None)
     assert calls == [
         ("server", "vllm-bf16"),
         ("ipex", "ipex-sym_int4"),
         ("worker", "transformers-fp32"),
+        ("openvino", "openvino-int4"),
+        ("llama_cpp", "llama.cpp"),
     ]
 
 
@@ -238,6 +280,109 @@ def test_the_ipex_row_maps_notebook_03s_measurement(monkeypatch, tmp_path: Path)
         runs._measure_ipex(
             bk._BACKENDS["ipex-sym_int4"], str(tmp_path), settings, [5], log=lambda _: None
         )
+
+
+class FakeServer:
+    """serve.Server without a process: records its command line and its health path."""
+
+    made: list = []
+
+    def __init__(self, argv, *, port, name, health_path="/health", **kw):
+        self.argv, self.port, self.name, self.health_path = argv, port, name, health_path
+        self.openai_base_url, self.api_key, self.stopped = (
+            f"http://127.0.0.1:{port}/v1",
+            None,
+            False,
+        )
+        FakeServer.made.append(self)
+
+    def start(self, timeout_s=300, *, log=print):
+        return self
+
+    def stop(self, timeout_s=20, *, log=print):
+        self.stopped = True
+
+
+def test_the_llama_cpp_row_measures_in_a_worker_and_sweeps_through_its_server(
+    monkeypatch, tmp_path: Path
+):
+    gguf_file = tmp_path / "model-Q4_0.gguf"
+    monkeypatch.setattr(runs, "_gguf_file", lambda model_dir, log: (gguf_file, "made earlier"))
+    got = {"load_s": 0.2, "ttft_s": 0.05, "decode_tokens_per_s": 150.0, "new_tokens": 32,
+           "prompt_tokens": 40, "answers": ["Paris."], "peak_rss_bytes": 3 * 10**8,
+           "file_bytes": 9 * 10**7, "streamed_bytes": 8 * 10**7, "perplexity": 19.6}  # fmt: skip
+    jobs, sweeps = [], []
+
+    def worker(python, function, **kw):
+        jobs.append((python, function, kw))
+        return dict(got)
+
+    def sweep(base_url, model, levels, **kw):
+        sweeps.append((base_url, model, levels, kw))
+        return [
+            SimpleNamespace(concurrency=c, aggregate_tokens_per_s=60.0, errors=0) for c in levels
+        ]
+
+    monkeypatch.setattr(runs, "run_in_env", worker)
+    monkeypatch.setattr(runs.serve, "Server", FakeServer)
+    monkeypatch.setattr(runs.serve, "free_port", lambda: 4321)
+    monkeypatch.setattr(runs.loadtest, "sweep", sweep)
+    (tmp_path / "model.safetensors").write_bytes(b"\0" * 10)
+    s = bk.Settings(threads=1, concurrency=(1, 4), max_new_tokens=16)
+    r = runs._measure_llama_cpp(bk._BACKENDS["llama.cpp"], str(tmp_path), s, [7, 8], log=print)
+    python, function, kw = jobs[0]
+    assert (python, function) == (sys.executable, "labhelpers.gguf:measure_gguf")
+    assert kw["path"] == str(gguf_file) and kw["eval_ids"] == [7, 8] and kw["threads"] == 1
+    assert kw["env"] == {"OMP_NUM_THREADS": "1"} and kw["max_new_tokens"] == 16
+    server = FakeServer.made[-1]
+    assert server.argv[1:3] == ["-m", "llama_cpp.server"] and server.health_path == "/v1/models"
+    assert server.argv[server.argv.index("--interrupt_requests") + 1] == "false", "requests queue"
+    assert server.argv[server.argv.index("--n_threads") + 1] == "1" and server.stopped
+    assert sweeps[0][2] == (1, 4) and sweeps[0][3]["extra_body"] == {"min_tokens": 16}
+    assert (r["decode_tok_s"], r["perplexity"], r["weight_bytes"], r["disk_gb"]) == (
+        150.0,
+        19.6,
+        8 * 10**7,
+        0.09,
+    )
+    assert [lv["concurrency"] for lv in r["sweep"]] == [1, 4]
+    assert "one request at a time" in r["note"] and r["memory_kind"] == "RSS (process)"
+
+
+def test_the_openvino_row_runs_in_its_environment_with_the_core_token_ids(
+    monkeypatch, tmp_path: Path
+):
+    python = tmp_path / "ov" / "bin" / "python"
+    monkeypatch.setattr(runs, "kernel_python", lambda kernel, venv: python)
+    monkeypatch.setattr(runs, "_openvino_ir", lambda m, p, log: (tmp_path / "ir", "exported"))
+    got = {"load_s": 2.0, "ttft_s": 0.03, "decode_tokens_per_s": 110.0, "new_tokens": 32,
+           "prompt_tokens": 41, "answers": ["Paris."], "sweep": [{"concurrency": 8,
+           "aggregate_tok_s": 400.0}], "peak_rss_bytes": 4 * 10**8, "disk_bytes": 9 * 10**7,
+           "weights_bytes": 85 * 10**6, "kv_bytes_per_elem": 1, "perplexity": 20.4,
+           "engine_version": "2026.4.1.0", "precision": "bf16"}  # fmt: skip
+    seen = {}
+    monkeypatch.setattr(
+        runs, "run_in_env", lambda py, fn, **kw: seen.update(kw, python=py, fn=fn) or dict(got)
+    )
+    (tmp_path / "model.safetensors").write_bytes(b"\0" * 10)
+    s = bk.Settings(concurrency=(2, 8))
+    r = runs._measure_openvino(bk._BACKENDS["openvino-int4"], str(tmp_path), s, [5], log=print)
+    assert (seen["python"], seen["fn"]) == (python, "labhelpers.openvino:measure_ir")
+    assert seen["eval_ids"] == [5] and seen["batch_sizes"] == [2, 8]
+    assert seen["ov_dir"] == str(tmp_path / "ir")
+    assert (r["decode_tok_s"], r["kv_bytes_per_elem"], r["perplexity"]) == (110.0, 1, 20.4)
+    assert r["sweep"][0]["aggregate_tok_s"] == 400.0 and "bf16" in r["note"]
+
+
+def test_files_made_from_a_model_change_with_it(tmp_cache: Path, tmp_path: Path):
+    model = tmp_path / "m"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    first = runs._made_from(str(model), "recipe")
+    assert first == runs._made_from(str(model), "recipe") and first.parent.name == "whichbackend"
+    assert runs._made_from(str(model), "another recipe") != first
+    (model / "model.safetensors").write_bytes(b"\0" * 8)
+    assert runs._made_from(str(model), "recipe") != first, "rebuilt weights, new files"
 
 
 def test_server_command_lines(tmp_path: Path, monkeypatch):
@@ -392,6 +537,14 @@ def test_finish_rows_roofline_twin_perplexity_and_top_level(tmp_path: Path):
     assert tf["ppl_increase_pct"] == pytest.approx(25.0)  # vs the fp32 reference
     assert fp32["ppl_increase_pct"] == pytest.approx(0.0)
     assert "roofline_tok_s" not in fp32, "no weight bytes, no roofline"
+    # on a GPU machine a CPU-only backend's roofline is host memory's
+    gpu = MACHINE | {"gpu_usable": True, "bandwidth_gbps": 900.0, "cpu_bandwidth_gbps": 10.0}
+    cpu_row = row("llama.cpp", 20.0, weight_bytes=10**9, config_dir=str(tmp_path),
+                  kv_bytes_per_elem=2, prompt_tokens=10, new_tokens=20)  # fmt: skip
+    gpu_row = dict(tf)
+    compare._finish_rows([cpu_row, gpu_row], gpu)
+    assert cpu_row["roofline_tok_s"] == pytest.approx(10e9 / per_token)
+    assert gpu_row["roofline_tok_s"] == pytest.approx(900e9 / per_token)
 
 
 def test_default_out_dir_names_the_machine():
@@ -599,3 +752,26 @@ def test_the_standin_measured_in_a_worker(standin_path: Path, tmp_cache: Path):
     )
     compare._finish_rows([got], MACHINE)
     assert got["roofline_tok_s"] > 0 and got["pct_of_roofline"] > 0
+
+
+def test_quality_judges_every_backend_against_the_reference():
+    rows = [dict(r) for r in TABLE]
+    answers = {
+        "transformers-fp32": "The capital of France is Paris.",
+        "transformers-gptq-int4": "Paris is the capital.",
+        "vllm-gptq-int4": "!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!",
+        "ipex-sym_int4": "The capital of France is Paris.",
+    }
+    for r in rows:
+        if r["backend"] in answers:
+            r["answers"] = [answers[r["backend"]], "x", "y"]
+    result = compare.Comparison(rows=rows, machine=MACHINE, settings=bk.Settings())
+    verdicts = {v.label: v.level for v in result.quality()}
+    assert verdicts == {
+        "transformers-gptq-int4 vs transformers-fp32": "degraded",  # ppl 13 vs 10: x1.3
+        "vllm-gptq-int4 vs transformers-fp32": "broken",  # "!!!!"
+        "ipex-sym_int4 vs transformers-fp32": "degraded",  # ppl x1.9
+    }
+    assert bk.Settings().prompts[0] == measure.SANITY_PROMPT
+    no_reference = compare.Comparison(rows=rows[1:], machine=MACHINE, settings=bk.Settings())
+    assert no_reference.quality() == []

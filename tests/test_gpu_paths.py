@@ -1,5 +1,6 @@
 """GPU code paths checked without a GPU: the roofline's bandwidth is the decoding device's
-(notebooks 00, 01, 05 and ``compare.describe_machine`` for 06, with a faked GPU), and no
+(notebooks 00, 01, 05 and ``compare.describe_machine`` for 06, with a faked GPU; the CPU-only
+engines of notebooks 03, 07 and 07b read host memory even on a GPU machine), and no
 notebook rebinds a labhelpers module that a later GPU-only cell calls (on a CPU that cell
 prints its skip reason, so such a crash shows only on a GPU)."""
 
@@ -17,6 +18,9 @@ from labhelpers import roofline
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
+#: Engines that decode on the CPU even where a GPU is: IPEX-LLM's CPU build (its own venv),
+#: llama-cpp-python as set-up builds it (CPU), OpenVINO's CPU plugin (a venv with a CPU torch).
+CPU_ONLY = {"03_ipex_llm_cpu_int4", "07_llama_cpp_gguf", "07b_openvino_int4"}
 
 
 def code_of(path: Path) -> tuple[dict, str]:
@@ -64,7 +68,7 @@ def test_the_roofline_bandwidth_is_measured_on_the_decoding_device(path: Path) -
     values = assignments(tree)
     calls = [n for n in ast.walk(tree) if isinstance(n, ast.Call)]
     calls = [n for n in calls if ast.unparse(n.func).endswith("memory_bandwidth_gbps")]
-    cpu_only = nb["metadata"]["kernelspec"]["name"] == "qwen-lab-ipex"  # notebook 03: IPEX on CPU
+    cpu_only = path.stem in CPU_ONLY
     for call in calls:
         device = (
             call.args[0]
@@ -72,7 +76,9 @@ def test_the_roofline_bandwidth_is_measured_on_the_decoding_device(path: Path) -
             else next((k.value for k in call.keywords if k.arg == "device"), None)
         )
         if cpu_only:
-            assert device is None or ast.literal_eval(device) == "cpu"
+            assert device is None or ast.literal_eval(device) == "cpu", (
+                f"{path.name}: {ast.unparse(call)}: its engine decodes on the CPU"
+            )
             continue
         assert device is not None, f"{path.name}: {ast.unparse(call)} measures the CPU on a GPU too"
         if isinstance(device, ast.Name):
@@ -128,9 +134,10 @@ def test_describe_machine_takes_the_gpus_bandwidth_on_a_gpu(
 ) -> None:
     monkeypatch.setattr(compare.mach, "gpu_available", lambda: gpu)
     described = compare.describe_machine(threads=1)
-    assert fake_bandwidth == ["cuda" if gpu else "cpu"]
+    assert fake_bandwidth == (["cuda", "cpu"] if gpu else ["cpu"])
     assert described["gpu_usable"] is gpu and described["bandwidth_device"] == fake_bandwidth[0]
     assert described["bandwidth_gbps"] == (4000.0 if gpu else 20.0)
+    assert described["cpu_bandwidth_gbps"] == 20.0, "for the backends that decode on the CPU"
     assert described["gpu_datasheet_gbps"] == (4800.0 if gpu else None)
     assert described["bandwidth_threads"] == (None if gpu else 1)
 

@@ -248,25 +248,27 @@ class Context:
 
     def __init__(self, tmp: Path, stack: ExitStack) -> None:
         self.tmp, self.stack = tmp, stack
-        self._server: Any = None
+        self._servers: dict[str, Any] = {}
 
     def standin(self, name: str) -> str:
         require(models.standin_built(name), f"the stand-in {name} is not built: run ./course setup")
         return str(files.models_dir() / name)
 
-    def server_url(self) -> str:
-        """The fake OpenAI-compatible server (client code needs no real model)."""
-        if self._server is None:
+    def server_url(self, model: str = SERVED_MODEL, api_key: str | None = API_KEY) -> str:
+        """The fake OpenAI-compatible server (client code needs no real model), one per name;
+        ``api_key=None``: it takes any key, as a server started without ``--api-key`` does."""
+        if model not in self._servers:
             from labhelpers import serve
 
             port = serve.free_port()
-            argv = [sys.executable, str(FAKE), "--port", str(port), "--model", SERVED_MODEL]
+            argv = [sys.executable, str(FAKE), "--port", str(port), "--model", model]
+            argv += ["--api-key", api_key] if api_key else []
             server = serve.Server(
-                [*argv, "--api-key", API_KEY], port=port, name="fake-openai",
-                log_path=self.tmp / "fake-server.log",
+                argv, port=port, name=f"fake-openai-{model}",
+                log_path=self.tmp / f"fake-server-{model}.log",
             )  # fmt: skip
-            self._server = self.stack.enter_context(server.start(log=lambda _m: None))
-        return self._server.base_url
+            self._servers[model] = self.stack.enter_context(server.start(log=lambda _m: None))
+        return self._servers[model].base_url
 
     def page_url(self) -> str:
         """apps/gradio_chat.py in front of the fake server (notebook 09's gradio_client cell)."""
@@ -282,6 +284,32 @@ class Context:
             log_path=self.tmp / "gradio-page.log",
         )  # fmt: skip
         return self.stack.enter_context(page.start(log=lambda _m: None)).base_url
+
+    def standin_gguf(self) -> str:
+        from labhelpers import gguf
+
+        return str(gguf.standin_gguf())
+
+    def llama_cpp_converter(self) -> str:
+        from labhelpers import gguf
+
+        converter, why = gguf.llama_cpp_setup()
+        require(converter, why)
+        return str(converter)
+
+    def f16_gguf(self) -> str:
+        """The stand-in as an f16 GGUF, made as notebook 07's bench makes it."""
+        import gguf as gguf_package
+
+        from labhelpers import gguf
+
+        pre = gguf_package.GGUFReader(self.standin_gguf()).fields["tokenizer.ggml.pre"].contents()
+        out = self.tmp / "provided-f16.gguf"
+        gguf.convert_hf(
+            self.standin(STANDIN), out, pre_tokenizer=pre, converter=self.llama_cpp_converter(),
+            log=lambda _m: None,
+        )  # fmt: skip
+        return str(out)
 
     def qwen3_template(self) -> str:
         data = ROOT / "labhelpers" / "data" / "chat_templates.json"
@@ -322,6 +350,20 @@ PROVIDERS: dict[str, dict[str, Provider]] = {
         "model_path": lambda c: c.standin(STANDIN_GPTQ),
     },
     "06_which_backend": {"model_path": lambda c: c.standin(STANDIN_GPTQ)},
+    "07_llama_cpp_gguf": {
+        "gguf_path": lambda c: c.standin_gguf(),
+        "converter_dir": lambda c: c.llama_cpp_converter(),
+        "model_dir": lambda c: c.standin(STANDIN),
+        "f16_path": lambda c: str(c.tmp / "model-f16.gguf"),
+        "f16_gguf": lambda c: c.f16_gguf(),
+        "BASE_URL": lambda c: c.server_url("qwen-gguf", api_key=None),  # llama_cpp.server, no key
+    },
+    "07b_openvino_int4": {
+        "model_path": lambda c: c.standin(STANDIN),
+        "out_dir": lambda c: str(c.tmp / "standin-ov-int4"),
+        "export": lambda c: dict(weight_format="int4", group_size=64, ratio=1.0, sym=True),
+        "reuse_export": lambda c: False,
+    },
     "08_troubleshooting": {
         "MODEL_DIR": lambda c: c.standin(STANDIN),
         "KV_BYTES": lambda c: 2**30,

@@ -7,6 +7,7 @@ recommendation is computed from the table (any subset of rows, missing columns, 
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import math
@@ -20,7 +21,7 @@ from typing import Any
 from labhelpers import machine as mach
 from labhelpers import models
 from labhelpers.envs import jsonable
-from labhelpers.measure import heldout_text
+from labhelpers.measure import QualityVerdict, heldout_text, quality_verdict
 from labhelpers.roofline import (
     bytes_per_token,
     memory_bandwidth_gbps,
@@ -75,6 +76,25 @@ class Comparison:
         answers = {r["backend"]: r["answers"] for r in self.rows if r.get("answers")}
         return pd.DataFrame(answers, index=list(self.settings.prompts))
 
+    def quality(self) -> list[QualityVerdict]:
+        """The quality sanity check (notebook 08 section 7) of every backend with answers against
+        the quality reference (fp32, else bf16): its greedy answer to the first prompt
+        (``measure.SANITY_PROMPT`` by default) and its perplexity. Empty without a reference."""
+        ref = _reference(self.rows)
+        if ref is None or not ref.get("answers"):
+            return []
+        return [
+            quality_verdict(
+                r["answers"][0],
+                ref["answers"][0],
+                _number(r.get("perplexity")),
+                _number(ref.get("perplexity")),
+                label=f"{r['backend']} vs {ref['backend']}",
+            )  # fmt: skip
+            for r in self.rows
+            if r is not ref and r.get("answers")
+        ]
+
     def recommendation(self) -> str:
         words = _machine_words(self.machine)
         return _recommend(self.rows, max_ppl_increase=self.max_ppl_increase, machine=words)
@@ -94,6 +114,7 @@ class Comparison:
         )
         everything |= dict(settings=self.settings.as_dict(), max_ppl_increase=self.max_ppl_increase)
         everything |= dict(rows=self.rows, recommendation=self.recommendation())
+        everything["quality"] = [dataclasses.asdict(v) for v in self.quality()]
         text = json.dumps(jsonable(everything), indent=2, ensure_ascii=False)
         files["results.json"].write_text(text + "\n")
         fig = plot_comparison(self)
@@ -104,9 +125,11 @@ class Comparison:
 
 def describe_machine(threads: int = 1) -> dict[str, Any]:
     """Date, CPU, cores, RAM, GPUs, package versions, load average, and the memory bandwidth of
-    the device that decodes (host memory with ``threads`` threads; on a GPU its memory)."""
+    the device that decodes (host memory with ``threads`` threads; on a GPU its memory, and host
+    memory's too for the backends that decode on the CPU there: IPEX-LLM, OpenVINO, llama.cpp)."""
     report, on_gpu = mach.collect_report(), mach.gpu_available()
     bw = memory_bandwidth_gbps("cuda" if on_gpu else "cpu", threads=threads)
+    cpu_bw = memory_bandwidth_gbps("cpu", threads=threads) if on_gpu else bw
     gpus = [
         {"name": g.name, "memory_gib": g.total_memory_gib, "capability": g.capability_text}
         for g in report.gpus
@@ -121,6 +144,7 @@ def describe_machine(threads: int = 1) -> dict[str, Any]:
         "load_average_at_start": list(os.getloadavg()),
         "bandwidth_gbps": bw.read_gbps, "bandwidth_device": bw.device,
         "bandwidth_threads": bw.threads, "gpu_datasheet_gbps": bw.datasheet_gbps,
+        "cpu_bandwidth_gbps": cpu_bw.read_gbps,
     }  # fmt: skip
 
 
@@ -208,11 +232,13 @@ def _reference(rows: Iterable[Mapping[str, Any]]) -> Mapping[str, Any] | None:
 
 def _finish_rows(rows: list[dict[str, Any]], machine: Mapping[str, Any]) -> None:
     """Derived columns, in place: a server's perplexity from its twin with the same weights
-    (when it could not score text), the roofline and its percentage at the average context,
-    the top concurrency level, the perplexity increase over the reference."""
+    (when it could not score text), the roofline (host memory's for CPU-only backends) and its
+    percentage at the average context, the top concurrency level, the perplexity increase over
+    the reference."""
     by_name = {r["backend"]: r for r in rows}
     for row in (r for r in rows if r.get("status") == "measured"):
-        twin = by_name.get(get_backends([row["backend"]])[0].twin or "")
+        backend = get_backends([row["backend"]])[0]
+        twin = by_name.get(backend.twin or "")
         if _number(row.get("perplexity")) is None and twin and _number(twin.get("perplexity")):
             row["perplexity"] = twin["perplexity"]
             row["perplexity_source"] = f"from {twin['backend']} (same weights)"
@@ -226,7 +252,9 @@ def _finish_rows(rows: list[dict[str, Any]], machine: Mapping[str, Any]) -> None
                 context_tokens=context,
                 kv_bytes_per_elem=kv,
             )
-            row["roofline_tok_s"] = roofline_tokens_per_s(machine["bandwidth_gbps"], per_token)
+            cpu = backend.cpu_only and machine.get("cpu_bandwidth_gbps")
+            bandwidth = machine["cpu_bandwidth_gbps"] if cpu else machine["bandwidth_gbps"]
+            row["roofline_tok_s"] = roofline_tokens_per_s(bandwidth, per_token)
             row["pct_of_roofline"] = percent_of_roofline(decode, row["roofline_tok_s"])
         levels = [lv for lv in row.get("sweep") or [] if _number(lv.get("aggregate_tok_s"))]
         if levels:

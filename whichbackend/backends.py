@@ -10,14 +10,24 @@ from importlib import util
 from typing import Any
 
 from labhelpers.envs import dist_version, kernel_python
+from labhelpers.gguf import llama_cpp_setup
 from labhelpers.machine import gpu_status
+from labhelpers.measure import SANITY_PROMPT
 
 #: The fixed chat prompts every backend answers (English and Chinese, short answers).
 _PROMPTS = (
-    "What is the capital of France? Answer in one sentence.",
+    SANITY_PROMPT,  # "What is the capital of France? Answer in one sentence.": the quality check's
     "Explain what a KV cache is in two sentences.",
     "用一句话解释什么是模型量化。",
 )
+#: The llama.cpp row's GGUF type. Notebook 07 measures Q8_0, Q4_0 and Q4_K_M: Q4_0 decodes fastest
+#: and is 4-bit everywhere (32 weights per scale, like the other int4 rows' groups), while
+#: Q4_K_M is mostly 5-bit Q5_0 on models whose width is not a multiple of 256 (the stand-in's
+#: 576, Qwen2.5-0.5B's 896): closer to F16, slower. Notebook 07 shows both side by side.
+GGUF_TYPE = "Q4_0"
+#: The openvino-int4 row's export, the recipe of notebook 07b (optimum-cli export openvino).
+OPENVINO_EXPORT = ("--task", "text-generation-with-past", "--weight-format", "int4",
+                   "--group-size", "64", "--ratio", "1.0", "--sym")  # fmt: skip
 
 
 @dataclass
@@ -65,9 +75,11 @@ class Settings:
 @dataclass(frozen=True)
 class Backend:
     """One way of running the model. ``runner``: ``worker`` (a fresh process of this
-    environment), ``ipex`` (a process in the IPEX-LLM environment) or ``server``.
-    ``weights_from``: ``base`` (the model) or ``gptq`` (the GPTQ checkpoint). ``twin``: the
-    in-process backend with the same weights, for a server that cannot score text."""
+    environment), ``ipex`` / ``openvino`` (a process in that environment), ``llama.cpp`` (a
+    worker, then its server for the sweep) or ``server``. ``weights_from``: ``base`` (the model)
+    or ``gptq`` (the GPTQ checkpoint). ``twin``: the in-process backend with the same weights,
+    for a server that cannot score text. ``cpu_only``: it decodes on the CPU even where a GPU
+    is, so its roofline uses host memory's bandwidth."""
 
     name: str
     engine: str
@@ -76,6 +88,7 @@ class Backend:
     weights_from: str = "base"
     twin: str | None = None
     gpu_only: bool = False
+    cpu_only: bool = False
 
 
 _BACKENDS = {
@@ -84,7 +97,9 @@ _BACKENDS = {
         Backend("transformers-fp32", "transformers", "fp32", "worker"),
         Backend("transformers-bf16", "transformers", "bf16", "worker"),
         Backend("transformers-gptq-int4", "transformers", "gptq-int4", "worker", "gptq"),
-        Backend("ipex-sym_int4", "ipex-llm", "sym_int4", "ipex"),
+        Backend("ipex-sym_int4", "ipex-llm", "sym_int4", "ipex", cpu_only=True),
+        Backend("openvino-int4", "openvino", "int4 g64 sym", "openvino", cpu_only=True),
+        Backend("llama.cpp", "llama.cpp", f"gguf {GGUF_TYPE}", "llama.cpp", cpu_only=True),
         Backend("vllm-bf16", "vllm", "bf16", "server", twin="transformers-bf16"),
         Backend("vllm-gptq-int4", "vllm", "gptq-int4", "server", "gptq", "transformers-gptq-int4"),
         Backend(
@@ -114,6 +129,14 @@ def skip_reason(backend: Backend) -> str | None:
         python = kernel_python("qwen-lab-ipex", "ipex")
         if python is None or not dist_version("ipex-llm", python):
             return f"the IPEX-LLM environment (.venvs/ipex) is missing: {setup}"
+    if backend.runner == "openvino":
+        python = kernel_python("qwen-lab-openvino", "openvino")
+        if python is None or not dist_version("openvino-genai", python):
+            return f"the OpenVINO environment (.venvs/openvino) is missing: {setup}"
+        if not (python.parent / "optimum-cli").is_file():
+            return f"optimum-cli is missing from {python.parent}: {setup}"
+    if backend.runner == "llama.cpp" and (why := llama_cpp_setup())[0] is None:
+        return why[1]
     if backend.engine == "vllm" and util.find_spec("vllm") is None:
         return f"vllm is not installed in this environment ({sys.executable}): {setup}"
     if backend.engine == "tensorrt-llm":

@@ -2,12 +2,17 @@
 (servers: launch to a healthy ``/health``), single stream (each prompt a greedy chat turn,
 warmed up, medians), aggregate tokens/s per concurrency level (concurrent requests to a server,
 one batched ``generate`` in-process), peak memory, perplexity on the same held-out ids (servers:
-``prompt_logprobs``). In-process backends run in a fresh worker, so each one's memory is its own.
+``prompt_logprobs``; llama.cpp and OpenVINO: their logits). In-process backends run in a fresh
+worker, so each one's memory is its own. llama.cpp and OpenVINO measure files made once from
+the model with notebook 07's and 07b's recipes (``<cache>/whichbackend/``, reused).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import os
 import subprocess
 import sys
 import time
@@ -15,9 +20,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from labhelpers import ipex, loadtest, serve
+from labhelpers import gguf, ipex, loadtest, models, serve
 from labhelpers.envs import dist_version, kernel_python, run_in_env
-from labhelpers.files import GB, dir_size_bytes
+from labhelpers.files import GB, atomic_dir, cache_dir, dir_size_bytes
 from labhelpers.machine import gpu_available
 from labhelpers.measure import (
     PeakMemory,
@@ -29,7 +34,7 @@ from labhelpers.measure import (
     time_openai_stream,
 )
 from labhelpers.roofline import bytes_per_token
-from whichbackend.backends import Backend, Settings, get_backends
+from whichbackend.backends import GGUF_TYPE, OPENVINO_EXPORT, Backend, Settings, get_backends
 
 _Log = Callable[[str], Any]
 _BATCHED = "static batch (one generate call)"
@@ -106,6 +111,10 @@ def measure(backend: Backend, model_dir: str, settings: Settings, eval_ids: Sequ
         return _measure_server(backend, model_dir, settings, eval_ids, log=log)
     if backend.runner == "ipex":
         return _measure_ipex(backend, model_dir, settings, eval_ids, log=log)
+    if backend.runner == "openvino":
+        return _measure_openvino(backend, model_dir, settings, eval_ids, log=log)
+    if backend.runner == "llama.cpp":
+        return _measure_llama_cpp(backend, model_dir, settings, eval_ids, log=log)
     job = dict(backend=backend.name, model_dir=model_dir, settings=settings.as_dict())
     return run_in_env(
         sys.executable, "whichbackend.runs:measure_in_process", log=log, **job,
@@ -136,6 +145,152 @@ def _measure_ipex(backend: Backend, model_dir: str, settings: Settings, eval_ids
     row |= dict(weight_bytes=got["streamed_bytes"], kv_bytes_per_elem=4)
     row["engine_version"] = dist_version("ipex-llm", kernel_python("qwen-lab-ipex", "ipex"))
     row["note"] = f"load_low_bit after converting; kernel build {got['kernel_build']}"
+    return row
+
+
+# --------------------------------------------------------------------------- llama.cpp, OpenVINO
+
+
+def _made_from(model_dir: str, recipe: str) -> Path:
+    """``<cache>/whichbackend/<model>-<key>``: the key changes when the model's files or the recipe
+    do, so a file made from an older build of the model is never measured."""
+    src = Path(model_dir)
+    files = sorted(p for p in src.iterdir() if p.suffix in (".json", ".safetensors"))
+    facts = [recipe, *((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files)]
+    key = hashlib.sha1(json.dumps(facts).encode()).hexdigest()[:10]
+    return cache_dir() / "whichbackend" / f"{src.name}-{key}"
+
+
+def _gguf_file(model_dir: str, log: _Log) -> tuple[Path, str]:
+    """The model as a GGUF file of :data:`GGUF_TYPE`, made as notebook 07 makes it (llama.cpp's
+    converter to f16, then its quantizer), once: later runs reuse it."""
+    folder = _made_from(model_dir, f"llama-cpp-python {dist_version('llama-cpp-python')}")
+    out = folder / f"model-{GGUF_TYPE}.gguf"
+    if out.is_file():
+        return out, f"{out.name} made earlier from the model, reused"
+    t0, pre = time.perf_counter(), None
+    if models.is_standin(model_dir):  # its tokenizer hash is unknown: its own GGUF's name
+        import gguf as gguf_py
+
+        pre = gguf_py.GGUFReader(gguf.standin_gguf()).fields["tokenizer.ggml.pre"].contents()
+    f16 = gguf.convert_hf(model_dir, folder / "model-f16.gguf", pre_tokenizer=pre, log=log)
+    try:
+        gguf.quantize(f16, out, GGUF_TYPE, log_path=folder / f"quantize-{GGUF_TYPE}.log")
+    finally:
+        f16.unlink()
+    took = time.perf_counter() - t0
+    log(f"    converted and quantized to {GGUF_TYPE} in {took:.0f} s: {out}")
+    return out, f"{out.name} converted and quantized in this run ({took:.0f} s)"
+
+
+def _measure_llama_cpp(
+    backend: Backend,
+    model_dir: str,
+    settings: Settings,
+    eval_ids: Sequence[int],
+    *,
+    log: _Log = print,
+) -> dict[str, Any]:
+    """llama.cpp: single stream and perplexity with ``llama_cpp.Llama`` in a fresh worker
+    (``gguf.measure_gguf``, notebook 07), then the sweep through llama.cpp's OpenAI-compatible
+    server ``python -m llama_cpp.server`` with the same threads."""
+    s, row = settings, _new_row(backend, model_dir)
+    _quiet_http()
+    path, made = _gguf_file(model_dir, log=lambda line: log("    " + line.splitlines()[0]))
+    got = run_in_env(
+        sys.executable, "labhelpers.gguf:measure_gguf", log=log, name=f"compare-{backend.name}",
+        timeout_s=s.backend_timeout_s, env={"OMP_NUM_THREADS": str(s.threads)}, path=str(path),
+        prompts=list(s.prompts), max_new_tokens=s.max_new_tokens, repeats=s.repeats,
+        threads=s.threads, eval_ids=list(eval_ids), window=s.eval_window, stride=s.eval_stride,
+    )  # fmt: skip
+    row |= {k: got[k] for k in ("load_s", "ttft_s", "new_tokens", "prompt_tokens", "answers")}
+    row |= dict(
+        decode_tok_s=got["decode_tokens_per_s"], threads=s.threads, disk_gb=got["file_bytes"] / GB
+    )
+    row |= dict(peak_mem_gb=got["peak_rss_bytes"] / GB, memory_kind="RSS (process)")
+    row |= dict(perplexity=got["perplexity"], perplexity_source="measured (llama.cpp logits)")
+    row |= dict(weight_bytes=got["streamed_bytes"], kv_bytes_per_elem=2)  # f16 KV cache
+    port = serve.free_port()
+    # --interrupt_requests false: requests queue (by default a new one cuts the stream running)
+    argv = [sys.executable, "-m", "llama_cpp.server", "--model", str(path), "--model_alias",
+            backend.name, "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "2048",
+            "--n_threads", str(s.threads), "--n_threads_batch", str(s.threads),
+            "--interrupt_requests", "false"]  # fmt: skip
+    server = serve.Server(argv, port=port, name=backend.name, health_path="/v1/models")
+    server.start(timeout_s=s.startup_timeout_s, log=lambda line: log("    " + line))
+    try:
+        row["sweep"] = _sweep(server, backend.name, s, log, {"min_tokens": s.max_new_tokens})
+    finally:
+        server.stop(log=lambda _: None)
+    row["sweep_mode"] = f"{s.requests_per_slot} x concurrency streamed requests to llama_cpp.server"
+    row["engine_version"] = dist_version("llama-cpp-python")
+    row["note"] = (f"{made}; llama_cpp.server computes one request at a time (no batching), so "
+                   "its aggregate stays near one stream's; llama.cpp's C++ llama-server "
+                   "--parallel N batches")  # fmt: skip
+    return row
+
+
+def _openvino_ir(model_dir: str, python: Path, log: _Log) -> tuple[Path, str]:
+    """The model exported with notebook 07b's recipe (``optimum-cli export openvino``,
+    :data:`OPENVINO_EXPORT`) once; later runs reuse it."""
+    out = _made_from(model_dir, " ".join(OPENVINO_EXPORT)) / "openvino-int4"
+    if (out / "openvino_model.xml").is_file():
+        return out, "exported earlier from the model, reused"
+    argv = [str(python.parent / "optimum-cli"), "export", "openvino", "--model", model_dir]
+    log(f"    $ optimum-cli {' '.join(argv[1:] + list(OPENVINO_EXPORT))} {out}")
+    t0, log_file = time.perf_counter(), out.parent / "export.log"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_dir(out, overwrite=True) as tmp:
+        with open(log_file, "w") as fh:
+            env = os.environ | {"TRANSFORMERS_VERBOSITY": "error"}
+            done = subprocess.run(
+                [*argv, *OPENVINO_EXPORT, str(tmp)], stdout=fh, stderr=fh, env=env
+            )
+        if done.returncode != 0 or not (tmp / "openvino_model.xml").is_file():
+            tail = "\n".join(log_file.read_text(errors="replace").splitlines()[-10:])
+            raise RuntimeError(
+                f"optimum-cli export failed (exit {done.returncode}; {log_file}):\n{tail}"
+            )
+    took = time.perf_counter() - t0
+    log(f"    exported in {took:.0f} s: {out}")
+    return out, f"exported in this run ({took:.0f} s)"
+
+
+def _measure_openvino(
+    backend: Backend,
+    model_dir: str,
+    settings: Settings,
+    eval_ids: Sequence[int],
+    *,
+    log: _Log = print,
+) -> dict[str, Any]:
+    """OpenVINO int4: the IR measured by ``openvino.measure_ir`` in the OpenVINO environment
+    (``LLMPipeline``, notebook 07b) with the core tokenizer's ids, so perplexities line up."""
+    s, row = settings, _new_row(backend, model_dir)
+    python = kernel_python("qwen-lab-openvino", "openvino")
+    if python is None:
+        raise RuntimeError("the OpenVINO environment (.venvs/openvino) is missing: ./course setup")
+    folder, made = _openvino_ir(model_dir, python, log)
+    got = run_in_env(
+        python, "labhelpers.openvino:measure_ir", log=log, name=f"compare-{backend.name}",
+        timeout_s=s.backend_timeout_s, env={"OMP_NUM_THREADS": str(s.threads)}, ov_dir=str(folder),
+        prompts=list(s.prompts), max_new_tokens=s.max_new_tokens, repeats=s.repeats,
+        threads=s.threads, batch_sizes=list(s.concurrency), eval_ids=list(eval_ids),
+        window=s.eval_window, stride=s.eval_stride,
+    )  # fmt: skip
+    row |= {
+        k: got[k] for k in ("load_s", "ttft_s", "new_tokens", "prompt_tokens", "answers", "sweep")
+    }
+    row |= dict(
+        decode_tok_s=got["decode_tokens_per_s"], threads=s.threads, disk_gb=got["disk_bytes"] / GB
+    )
+    row |= dict(peak_mem_gb=got["peak_rss_bytes"] / GB, memory_kind="RSS (process)")
+    row |= dict(
+        perplexity=got["perplexity"], perplexity_source="measured (OVModelForCausalLM logits)"
+    )
+    row |= dict(weight_bytes=got["weights_bytes"], kv_bytes_per_elem=got["kv_bytes_per_elem"])
+    row |= dict(sweep_mode="one generate call with N prompts", engine_version=got["engine_version"])
+    row["note"] = f"{made}; LLMPipeline on the CPU plugin, compute precision {got['precision']}"
     return row
 
 
@@ -199,13 +354,32 @@ def _gpu_memory_bytes(pids: Sequence[int]) -> int | None:
     )
 
 
+def _quiet_http() -> None:
+    """No INFO line per request from the HTTP clients (openai's httpx2, httpx, httpcore)."""
+    for name in ("httpx", "httpx2", "httpcore", "openai"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def _sweep(server: serve.Server, name: str, s: Settings, log: _Log,
+           extra_body: dict[str, Any]) -> list[dict[str, Any]]:  # fmt: skip
+    """Each concurrency level, ``requests_per_slot`` x level streamed requests, every answer
+    exactly ``max_new_tokens`` long (``extra_body``: the server's way to say so)."""
+    levels = loadtest.sweep(
+        server.openai_base_url, name, s.concurrency, max_tokens=s.max_new_tokens,
+        requests_per_level=lambda c: s.requests_per_slot * c, prompts=s.prompts,
+        api_key=server.api_key or "EMPTY", warmup_requests=0, temperature=0,
+        log=lambda line: log("    " + line), extra_body=extra_body,
+    )  # fmt: skip
+    return [dict(concurrency=lv.concurrency, aggregate_tok_s=lv.aggregate_tokens_per_s,
+                 errors=lv.errors) for lv in levels]  # fmt: skip
+
+
 def _measure_server(backend: Backend, model_dir: str, settings: Settings, eval_ids: Sequence[int],
                     *, log: _Log = print) -> dict[str, Any]:  # fmt: skip
     """Start the backend's server, measure single stream, the concurrency sweep (every answer
     exactly ``max_new_tokens`` long), memory and perplexity, and stop it (always)."""
     s, on_gpu, row = settings, gpu_available(), _new_row(backend, model_dir)
-    for name in ("httpx", "httpcore", "openai"):  # the HTTP clients' per-request INFO lines
-        logging.getLogger(name).setLevel(logging.WARNING)
+    _quiet_http()
     server = _make_server(backend, model_dir, on_gpu=on_gpu)
     server.start(timeout_s=s.startup_timeout_s, log=log)
     try:
@@ -223,21 +397,7 @@ def _measure_server(backend: Backend, model_dir: str, settings: Settings, eval_i
                 runs += (timed := [ask(prompt) for _ in range(s.repeats)])
                 row["answers"].append((timed[-1].text or "").strip())
             _single(row, median_of(runs), log)
-            per_level = lambda c: s.requests_per_slot * c  # noqa: E731
-            levels = loadtest.sweep(
-                server.openai_base_url, name, s.concurrency, requests_per_level=per_level,
-                max_tokens=s.max_new_tokens, prompts=s.prompts, api_key=server.api_key or "EMPTY",
-                warmup_requests=0, log=lambda line: log("    " + line), temperature=0,
-                extra_body={"ignore_eos": True},
-            )  # fmt: skip
-        row["sweep"] = [
-            dict(
-                concurrency=lv.concurrency,
-                aggregate_tok_s=lv.aggregate_tokens_per_s,
-                errors=lv.errors,
-            )
-            for lv in levels
-        ]
+            row["sweep"] = _sweep(server, name, s, log, {"ignore_eos": True})
         row["sweep_mode"] = f"{s.requests_per_slot} x concurrency streamed requests"
         row["threads"] = "GPU" if on_gpu else "server default"
         gpu = (
