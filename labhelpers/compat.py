@@ -262,11 +262,17 @@ def _load_rules(path: str | Path | None = None) -> list[dict[str, Any]]:
     return rules
 
 
-def check_compat(
-    report: Report, rules: Iterable[_Rule] | None = None, *, include_ok: bool = False
-) -> list[Finding]:
-    """Evaluate the rules against a report, worst first. Rules that do not apply (their
-    packages absent, no GPU, facts unknown) say nothing; passing ones only with ``include_ok``."""
-    found = [f for r in (rules or _load_rules()) for f in _CHECKERS[r["kind"]][0](r, report)]
+def check_compat(report: Report, rules: Iterable[_Rule] | None = None, *,
+                 include_ok: bool = False, only: Iterable[str] = ()) -> list[Finding]:  # fmt: skip
+    """Evaluate the rules (default: data/compat_rules.json) against a report, worst first;
+    ``only``: the rule ids or kinds to evaluate. Rules that do not apply (their packages absent,
+    no GPU, facts unknown) say nothing; passing ones only with ``include_ok``."""
+    chosen, wanted = list(rules or _load_rules()), set(only)
+    if wanted:
+        unknown = wanted - {r["id"] for r in chosen} - {r["kind"] for r in chosen}
+        if unknown:
+            raise ValueError(f"no compat rule has the id or kind {sorted(unknown)}")
+        chosen = [r for r in chosen if r["id"] in wanted or r["kind"] in wanted]
+    found = [f for r in chosen for f in _CHECKERS[r["kind"]][0](r, report)]
     found = [f for f in found if include_ok or f.level != "ok"]
     return sorted(found, key=lambda f: -_LEVELS.index(f.level))

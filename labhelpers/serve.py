@@ -309,8 +309,9 @@ def vllm_argv(model: str | os.PathLike[str], *, port: int, host: str = _LOOPBACK
               dtype: str | None = None, quantization: str | None = None,
               max_model_len: int | None = None, gpu_memory_utilization: float | None = None,
               tensor_parallel_size: int | None = None, enforce_eager: bool = False,
-              api_key: str | None = None) -> list[str]:  # fmt: skip
-    """vLLM's OpenAI-compatible server command line; only the flags given are added.
+              api_key: str | None = None, extra: Sequence[str] = ()) -> list[str]:  # fmt: skip
+    """vLLM's OpenAI-compatible server command line; only the flags given are added, then
+    ``extra`` as it is (flags without a parameter here, e.g. ``--kv-cache-memory-bytes N``).
 
     ``launcher="cli"``: ``<venv>/bin/vllm serve MODEL ...`` (the documented command; the ``vllm``
     next to this Python, never one found on PATH). ``"module"``: ``python -m
@@ -329,7 +330,7 @@ def vllm_argv(model: str | os.PathLike[str], *, port: int, host: str = _LOOPBACK
                  tensor_parallel_size=tensor_parallel_size, api_key=api_key)  # fmt: skip
     for flag, value in flags.items():
         argv += [] if value is None else ["--" + flag.replace("_", "-"), str(value)]
-    return argv + (["--enforce-eager"] if enforce_eager else [])
+    return argv + (["--enforce-eager"] if enforce_eager else []) + list(extra)
 
 
 def check_gpu_memory(

@@ -393,6 +393,8 @@ def test_server_command_lines(tmp_path: Path, monkeypatch):
     gpu = runs._make_server(bk._BACKENDS["vllm-gptq-int4"], str(tmp_path), on_gpu=True)
     assert "--gpu-memory-utilization" in gpu.argv and "--dtype" not in gpu.argv
     assert gpu.env == {} and gpu.before_start is not None, "free GPU memory is checked first"
+    for server in (cpu, gpu):  # TTFT includes the prompt, as for llama.cpp and OpenVINO
+        assert server.argv[-1] == "--no-enable-prefix-caching"
     monkeypatch.setattr(runs, "kernel_python", lambda kernel, venv: None)
     trt = runs._make_server(bk._BACKENDS["trtllm"], str(tmp_path), on_gpu=True)
     verified = json.loads((ROOT / "labhelpers" / "data" / "trtllm_flags.json").read_text())

@@ -433,3 +433,17 @@ def test_malformed_issue16_rules_are_refused(tmp_path: Path):
     path.write_text(json.dumps({"rules": [bad]}))
     with pytest.raises(ValueError, match="=>4.51"):
         compat._load_rules(path)
+
+
+def test_only_evaluates_the_rules_named_by_id_or_kind():
+    report = Report(
+        gpus=[gpu((8, 9))], disk_path="/root/.cache/qwen-deploy-lab", disk_free_gib=18.0,
+        packages={"transformers": "4.37.2"},
+    )  # fmt: skip
+    everything = {f.rule for f in check_compat(report, include_ok=True)}
+    disk = {f.rule for f in check_compat(report, include_ok=True, only=["disk"])}
+    assert disk == {"disk-for-gpu-models"} < everything
+    by_id = check_compat(report, include_ok=True, only=[QWEN_TYPES])
+    assert {f.rule for f in by_id} == {QWEN_TYPES}
+    with pytest.raises(ValueError, match="no-such-rule"):
+        check_compat(report, only=["no-such-rule"])

@@ -335,6 +335,9 @@ def test_vllm_argv_cpu_and_gpu_forms(tmp_path: Path):
         "Qwen/Qwen2.5-7B-Instruct-GPTQ-Int4",
     ]  # noqa: E501
     assert gpu.env == {} and gpu.model is None, "hub ids are left to vLLM"
+    kv = ["--kv-cache-memory-bytes", "1048576"]  # a flag without a parameter: extra, at the end
+    argv = serve.vllm_argv("m", port=1, enforce_eager=True, extra=kv)
+    assert argv[-3:] == ["--enforce-eager", *kv]
     with pytest.raises(ValueError, match="launcher"):
         serve.vllm_argv("m", port=1, launcher="docker")
 

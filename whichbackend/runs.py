@@ -303,9 +303,11 @@ def _make_server(backend: Backend, model_dir: str, *, on_gpu: bool) -> serve.Ser
     if backend.engine == "vllm":
         cpu = dict(dtype="bfloat16", max_model_len=2048, enforce_eager=True)
         flags = dict(max_model_len=4096, gpu_memory_utilization=0.85, env={}) if on_gpu else cpu
+        # every backend's TTFT includes the prompt: no prefix cache (llama.cpp and OpenVINO too)
         return serve.vllm_server(
-            model_dir, name=backend.name, served_model_name=backend.name, **flags
-        )
+            model_dir, name=backend.name, served_model_name=backend.name,
+            extra=["--no-enable-prefix-caching"], **flags,
+        )  # fmt: skip
     python = kernel_python("qwen-lab-trtllm", "trtllm") or Path(sys.executable)
     port = serve.free_port()
     argv = [
