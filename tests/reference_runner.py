@@ -356,8 +356,12 @@ def resolve_bash(body: str, label: str, resolver: Resolver) -> None:
 
 def resolve(spec: dict[str, Any]) -> int:
     failed = 0
+    import_paths: dict[str, str] = spec.get("import_paths", {})
     for cell in spec["cells"]:
         resolver = Resolver(spec.get("recorded", {}))
+        # a stated folder the cell puts on sys.path (notebook 09: APPS_DIR) resolves as that folder
+        extra = [import_paths[n] for n in cell.get("requires", []) if n in import_paths]
+        sys.path[:0] = extra
         try:
             if cell["kind"] == "bash":
                 resolve_bash(cell["body"], cell["label"], resolver)
@@ -365,6 +369,8 @@ def resolve(spec: dict[str, Any]) -> int:
                 resolve_python(cell["body"], cell["label"], resolver)
         except Exception as exc:
             resolver.problems.append(f"{type(exc).__name__}: {exc}")
+        finally:
+            del sys.path[: len(extra)]
         status = "resolved" if not resolver.problems else "FAILED"
         print(f"=== {cell['label']}: {status} ===", flush=True)
         for problem in resolver.problems:

@@ -98,7 +98,7 @@ def vllm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     server.start(timeout_s=300, log=lambda _m: None)
     yield server
     server.stop(log=lambda _m: None)
-    assert not server.pids(), "vLLM processes left behind"
+    assert not server.processes(), "vLLM processes left behind"
 
 
 def start_page(app: str, base_url: str, log_dir: Path) -> Server:
@@ -224,7 +224,7 @@ def test_chat_page_streams_and_its_max_tokens_reaches_the_server(
         page.close()
     finally:
         server.stop(log=lambda _m: None)
-    assert not server.pids(), f"{app} page processes left behind"
+    assert not server.processes(), f"{app} page processes left behind"
     print(
         f"{app}: {len(partial)} partial renderings while streaming; turn 1 {prompt_1}+"
         f"{completion_1} tokens, turn 2 {prompt_2}+{completion_2} (max_tokens 5)"
@@ -248,4 +248,4 @@ def test_chat_page_says_when_the_server_is_down(app: str, chromium: Any, tmp_pat
         page.close()
     finally:
         server.stop(log=lambda _m: None)
-    assert not server.pids()
+    assert not server.processes()

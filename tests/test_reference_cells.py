@@ -532,7 +532,8 @@ def test_reference_cells_resolve(kernel: str, tmp_path: Path):
     ]
     flags = json.loads((ROOT / "labhelpers" / "data" / "trtllm_flags.json").read_text())
     recorded = {"python_modules": flags["python_modules"], "python_api": flags["python_api"]}
-    out = run_worker(python, "resolve", {"cells": cells, "recorded": recorded}, tmp_path, 600)
+    spec = {"cells": cells, "recorded": recorded, "import_paths": {"APPS_DIR": str(ROOT / "apps")}}
+    out = run_worker(python, "resolve", spec, tmp_path, 600)
     assert f"{len(cells)} OF {len(cells)} CELLS RESOLVED" in out
 
 
