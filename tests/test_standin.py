@@ -110,7 +110,9 @@ def test_building_again_is_a_no_op(standin_path: Path, capsys):
 
 
 def test_missing_gguf_package_gives_setup_hint(monkeypatch, tmp_cache: Path):
-    monkeypatch.setattr(standin, "GGUF_PACKAGE", "no_such_package_xyz")
+    from labhelpers import gguf
+
+    monkeypatch.setattr(gguf, "_STANDIN_PACKAGE", "no_such_package_xyz")
     with pytest.raises(standin.StandinError, match="./course setup"):
         standin.gguf_source()
     assert standin.main(["--only", "standin"]) == 1, "a clear error, not a traceback"

