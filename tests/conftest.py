@@ -14,7 +14,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import pytest
 
@@ -49,6 +49,21 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
         usable, reason = gpu_status()
         if not usable:
             pytest.skip(f"needs a CUDA GPU: {reason}")
+
+
+FAKE_SERVER = Path(__file__).with_name("fake_openai_server.py")
+
+
+def fake_openai_server(log_dir: Path, *args: str, port: int | None = None, name: str = "fake",
+                       **kwargs: Any) -> Any:  # fmt: skip
+    """A ``serve.Server`` (not started) for tests/fake_openai_server.py on a free loopback port
+    (or ``port``), its log ``<log_dir>/<name>.log``; ``args``: the fake's own flags
+    (``--api-key``, ``--mode``, ``--model``, ``--token-delay``), ``kwargs``: the Server's."""
+    from labhelpers import serve
+
+    port = serve.free_port() if port is None else port
+    argv = [sys.executable, str(FAKE_SERVER), "--port", str(port), *args]
+    return serve.Server(argv, port=port, name=name, log_path=log_dir / f"{name}.log", **kwargs)
 
 
 @pytest.fixture

@@ -24,26 +24,20 @@ from typing import Any
 
 import openai
 import pytest
+from conftest import fake_openai_server
 
 from labhelpers.serve import Server, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 APPS = ROOT / "apps"
-FAKE = Path(__file__).with_name("fake_openai_server.py")
 sys.path.insert(0, str(APPS))  # the pages import openai_chat from their own folder
 
 import openai_chat as chat  # noqa: E402
 
 
-def _fake(tmp_path: Path, *args: str) -> Server:
-    port = free_port()
-    argv = [sys.executable, str(FAKE), "--port", str(port), *args]
-    return Server(argv, port=port, name="fake", log_path=tmp_path / f"fake-{port}.log")
-
-
 @pytest.fixture(scope="module")
 def fake(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    server = _fake(tmp_path_factory.mktemp("fake"))
+    server = fake_openai_server(tmp_path_factory.mktemp("fake"))
     server.start(timeout_s=30, log=lambda _m: None)
     yield server
     server.stop(log=lambda _m: None)
@@ -51,7 +45,7 @@ def fake(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
 
 @pytest.fixture(scope="module")
 def fake_keyed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    server = _fake(tmp_path_factory.mktemp("fake-keyed"), "--api-key", "right-key")
+    server = fake_openai_server(tmp_path_factory.mktemp("fake-keyed"), "--api-key", "right-key")
     server.start(timeout_s=30, log=lambda _m: None)
     yield server
     server.stop(log=lambda _m: None)

@@ -4,16 +4,12 @@ through the openai async client against the fake server (tests/fake_openai_serve
 from __future__ import annotations
 
 import asyncio
-import sys
-from pathlib import Path
 
 import pytest
+from conftest import fake_openai_server
 
 from labhelpers import loadtest, measure, serve
 from labhelpers.loadtest import _Request as RequestRecord
-
-FAKE = Path(__file__).with_name("fake_openai_server.py")
-
 
 # --------------------------------------------------------------------------------------
 # arithmetic
@@ -82,10 +78,8 @@ def test_levels_are_bounded():
 
 @pytest.fixture(scope="module")
 def fake(tmp_path_factory: pytest.TempPathFactory):
-    port = serve.free_port()
-    argv = [sys.executable, str(FAKE), "--port", str(port), "--token-delay", "0.002"]
-    log = tmp_path_factory.mktemp("fake") / "fake.log"
-    with serve.Server(argv, port=port, name="fake", log_path=log) as server:
+    log_dir = tmp_path_factory.mktemp("fake")
+    with fake_openai_server(log_dir, "--token-delay", "0.002") as server:
         yield server
 
 

@@ -57,13 +57,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import require
+from conftest import fake_openai_server, require
 
 from labhelpers import files, models
 
 ROOT = Path(__file__).resolve().parent.parent
 RUNNER = Path(__file__).with_name("reference_runner.py")
-FAKE = Path(__file__).with_name("fake_openai_server.py")
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]*_*.ipynb"))  # 07b too
 MARKER = "# 参考代码"
 REQUIRES = re.compile(r"#\s*requires:\s*(\$?[A-Za-z_]\w*)(?:\s*=\s*(.+))?\s*$")
@@ -258,15 +257,8 @@ class Context:
         """The fake OpenAI-compatible server (client code needs no real model), one per name;
         ``api_key=None``: it takes any key, as a server started without ``--api-key`` does."""
         if model not in self._servers:
-            from labhelpers import serve
-
-            port = serve.free_port()
-            argv = [sys.executable, str(FAKE), "--port", str(port), "--model", model]
-            argv += ["--api-key", api_key] if api_key else []
-            server = serve.Server(
-                argv, port=port, name=f"fake-openai-{model}",
-                log_path=self.tmp / f"fake-server-{model}.log",
-            )  # fmt: skip
+            keyed = ["--api-key", api_key] if api_key else []
+            server = fake_openai_server(self.tmp, "--model", model, *keyed, name=f"fake-{model}")
             self._servers[model] = self.stack.enter_context(server.start(log=lambda _m: None))
         return self._servers[model].base_url
 

@@ -18,22 +18,16 @@ from pathlib import Path
 import httpx
 import psutil
 import pytest
-from conftest import write_fake_model
+from conftest import FAKE_SERVER as FAKE
+from conftest import fake_openai_server, write_fake_model
 
 from labhelpers import serve
 from labhelpers.machine import NotEnoughResourcesError
 from labhelpers.models import ModelError
 
 ROOT = Path(__file__).resolve().parent.parent
-FAKE = Path(__file__).with_name("fake_openai_server.py")
 NOTEBOOK_05 = next(iter(sorted((ROOT / "notebooks").glob("05_*.ipynb"))), None)
 QUIET = {"log": lambda _m: None}
-
-
-def fake_server(tmp_path: Path, *args: str, port: int | None = None, **kwargs) -> serve.Server:
-    port = serve.free_port() if port is None else port
-    argv = [sys.executable, str(FAKE), "--port", str(port), *args]
-    return serve.Server(argv, port=port, name="fake", log_path=tmp_path / "fake.log", **kwargs)
 
 
 def pids(server: serve.Server) -> set[int]:
@@ -88,7 +82,7 @@ def test_port_in_use_is_refused_before_launching(tmp_path: Path):
         sock.bind(("127.0.0.1", 0))
         sock.listen()
         port = sock.getsockname()[1]
-        server = fake_server(tmp_path, port=port)
+        server = fake_openai_server(tmp_path, port=port)
         with pytest.raises(
             serve.ServerError,
             match=rf"port {port} .*already in use \(pid {os.getpid()}.*free_port",
@@ -107,7 +101,7 @@ def test_find_processes_needs_a_pattern_or_a_group():
 
 def test_start_serves_and_stop_leaves_nothing(tmp_path: Path):
     lines: list[str] = []
-    server = fake_server(tmp_path, "--mode", "with-child")
+    server = fake_openai_server(tmp_path, "--mode", "with-child")
     server.start(timeout_s=20, log=lines.append)
     try:
         assert lines[0].startswith("$ python ") and f"--port {server.port}" in lines[0]
@@ -129,7 +123,7 @@ def test_start_serves_and_stop_leaves_nothing(tmp_path: Path):
 
 
 def test_context_manager_stops_on_error(tmp_path: Path):
-    server = fake_server(tmp_path)
+    server = fake_openai_server(tmp_path)
     with pytest.raises(ZeroDivisionError):
         with server:
             pid = server.pid
@@ -139,7 +133,7 @@ def test_context_manager_stops_on_error(tmp_path: Path):
 
 
 def test_process_that_ignores_sigterm_is_killed(tmp_path: Path):
-    server = fake_server(tmp_path, "--mode", "ignore-term")
+    server = fake_openai_server(tmp_path, "--mode", "ignore-term")
     server.start(timeout_s=20, **QUIET)
     lines: list[str] = []
     t0 = time.monotonic()
@@ -149,7 +143,7 @@ def test_process_that_ignores_sigterm_is_killed(tmp_path: Path):
 
 
 def test_crash_during_startup_fails_fast_with_log_tail(tmp_path: Path):
-    server = fake_server(tmp_path, "--mode", "crash")
+    server = fake_openai_server(tmp_path, "--mode", "crash")
     t0 = time.monotonic()
     with pytest.raises(serve.ServerError) as info:
         server.start(timeout_s=60, **QUIET)
@@ -161,7 +155,7 @@ def test_crash_during_startup_fails_fast_with_log_tail(tmp_path: Path):
 
 
 def test_startup_timeout_stops_the_server(tmp_path: Path):
-    server = fake_server(tmp_path, "--mode", "never-ready")
+    server = fake_openai_server(tmp_path, "--mode", "never-ready")
     with pytest.raises(serve.ServerError, match=r"did not answer /health within 1 s.*timeout_s"):
         server.start(timeout_s=1.0, **QUIET)
     assert not server.running
@@ -171,14 +165,14 @@ def test_a_failing_check_before_start_launches_nothing(tmp_path: Path):
     def not_enough() -> None:
         raise NotEnoughResourcesError("the GPU is busy")
 
-    server = fake_server(tmp_path, before_start=not_enough)
+    server = fake_openai_server(tmp_path, before_start=not_enough)
     with pytest.raises(NotEnoughResourcesError, match="busy"):
         server.start(**QUIET)
     assert server.process is None and not (tmp_path / "fake.log").exists()
 
 
 def test_a_client_for_a_stopped_server_is_a_clear_error(tmp_path: Path):
-    server = fake_server(tmp_path)
+    server = fake_openai_server(tmp_path)
     with pytest.raises(serve.ServerError, match="never started"):
         server.client()
     with server:
@@ -191,7 +185,7 @@ def test_a_client_for_a_stopped_server_is_a_clear_error(tmp_path: Path):
 
 
 def test_error_answers_and_the_api_key(tmp_path: Path):
-    with fake_server(tmp_path, "--api-key", "s3cret", api_key="s3cret") as server:
+    with fake_openai_server(tmp_path, "--api-key", "s3cret", api_key="s3cret") as server:
         url = f"{server.openai_base_url}/chat/completions"
         bad_json = httpx.post(url, content="{not json", headers={"Authorization": "Bearer s3cret"})
         assert bad_json.status_code == 400 and "JSON" in bad_json.json()["error"]["message"]
